@@ -1,0 +1,120 @@
+"""Time and peak memory of every attention variant, fast path ("sdpa") vs its naive formula ("eager").
+
+    python benchmarks/bench_attention.py            # B=4, 6 heads, T=1024, head 64 (the figures in docs/attention.md)
+    python benchmarks/bench_attention.py --quick    # a small smoke run (seconds)
+
+Time: median wall time of ``--repeats`` calls after one warm-up, forward under ``torch.no_grad()`` and forward +
+backward (gradients of q, k, v from a fixed random upstream gradient). Peak memory: bytes the call itself
+allocates and still holds at its worst moment (the running sum of every CPU allocator allocation/free recorded
+by ``torch.profiler`` with ``profile_memory=True``, kernel scratch buffers included, inputs excluded), measured in
+a separate, untimed call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch._C._profiler as _prof
+from torch.profiler import ProfilerActivity, profile
+
+from gpt2_accel.attention import causal_attention
+
+VARIANTS = ["SM", "GK", "GKpoly-2", "GKpoly-4", "PA_relu", "PA_gelu", "PA_sigmoid", "PA_relu_square"]
+
+
+def _make_inputs(b: int, h: int, t: int, hs: int, grad: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    # Scale 0.5 keeps the GK exponent (-||q - k||^2 / (2 sqrt d) ~ -4 here) inside GKpoly-2's valid range.
+    q, k, v = (0.5 * torch.randn(b, h, t, hs, generator=g) for _ in range(3))
+    if grad:
+        for x in (q, k, v):
+            x.requires_grad_(True)
+    return q, k, v
+
+
+def _call(attn_type: str, impl: str, q, k, v, n_positions: int, backward: bool) -> None:
+    if backward:
+        y = causal_attention(q, k, v, attn_type, n_positions, implementation=impl)
+        # A fixed upstream gradient (all ones scaled) reaches every output without an extra reduction graph.
+        y.backward(torch.ones_like(y))
+        for x in (q, k, v):
+            x.grad = None
+    else:
+        with torch.no_grad():
+            causal_attention(q, k, v, attn_type, n_positions, implementation=impl)
+
+
+def time_call(attn_type: str, impl: str, shape, backward: bool, repeats: int) -> float:
+    """Median seconds per call."""
+    q, k, v = _make_inputs(*shape, grad=backward)
+    _call(attn_type, impl, q, k, v, shape[2], backward)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _call(attn_type, impl, q, k, v, shape[2], backward)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_bytes(attn_type: str, impl: str, shape, backward: bool) -> int:
+    """Peak of live bytes allocated during one call (inputs excluded), from the profiler's allocation events."""
+    q, k, v = _make_inputs(*shape, grad=backward)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _call(attn_type, impl, q, k, v, shape[2], backward)
+    allocs = []
+
+    def walk(node) -> None:
+        if node.tag == _prof._EventType.Allocation:
+            allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for c in node.children:
+            walk(c)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    live = peak = 0
+    for _, size in sorted(allocs):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes (B=1, 2 heads, T=128) and one repeat")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--head-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", nargs="*", default=VARIANTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.heads, args.seq, args.repeats = 1, 2, 128, 1
+    shape = (args.batch, args.heads, args.seq, args.head_size)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={shape[0]}, heads={shape[1]}, "
+        f"T={shape[2]}, head size={shape[3]}; median of {args.repeats}"
+    )
+    print(
+        "| attn_type | fwd fast | fwd naive | speed-up | fwd+bwd fast | fwd+bwd naive | speed-up "
+        "| peak fwd+bwd fast | peak fwd+bwd naive |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for at in args.variants:
+        tf = {impl: time_call(at, impl, shape, False, args.repeats) for impl in ("sdpa", "eager")}
+        tb = {impl: time_call(at, impl, shape, True, args.repeats) for impl in ("sdpa", "eager")}
+        mb = {impl: peak_bytes(at, impl, shape, True) / 2**20 for impl in ("sdpa", "eager")}
+        print(
+            f"| {at} | {tf['sdpa'] * 1e3:.1f} ms | {tf['eager'] * 1e3:.1f} ms | {tf['eager'] / tf['sdpa']:.1f}x "
+            f"| {tb['sdpa'] * 1e3:.1f} ms | {tb['eager'] * 1e3:.1f} ms | {tb['eager'] / tb['sdpa']:.1f}x "
+            f"| {mb['sdpa']:.1f} MiB | {mb['eager']:.1f} MiB |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

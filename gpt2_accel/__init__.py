@@ -1,0 +1,24 @@
+"""gpt2_accel: train and finetune GPT-2-class language models the Hugging Face way.
+
+Importing the package registers ``GPT2AccelConfig`` / ``GPT2AccelForCausalLM`` with transformers' Auto classes,
+so ``AutoModelForCausalLM.from_pretrained(run_dir)`` works for any run directory this toolkit writes.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_gpt2_accel import GPT2AccelConfig
+from .modeling_gpt2_accel import GPT2AccelForCausalLM, GPT2AccelModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(GPT2AccelConfig.model_type, GPT2AccelConfig, exist_ok=True)
+AutoModel.register(GPT2AccelConfig, GPT2AccelModel, exist_ok=True)
+AutoModelForCausalLM.register(GPT2AccelConfig, GPT2AccelForCausalLM, exist_ok=True)
+
+# save_pretrained writes `auto_map` and copies the configuration/modeling/attention files next to the weights, so
+# people without this package load a checkpoint with trust_remote_code=True.
+GPT2AccelConfig.register_for_auto_class()
+GPT2AccelModel.register_for_auto_class("AutoModel")
+GPT2AccelForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["GPT2AccelConfig", "GPT2AccelForCausalLM", "GPT2AccelModel", "__version__"]

@@ -1,0 +1,327 @@
+"""The GPT-2 network as a transformers ``PreTrainedModel``.
+
+Read top to bottom: attention -> MLP -> block -> the model -> the LM head. Names follow GPT-2 (``c_attn``,
+``c_proj``, ``c_fc``, ``wte``, ``wpe``, ``ln_f``) so OpenAI's weights map one to one (see convert.py).
+This file imports only torch, transformers and its two siblings (configuration, attention): it is copied next to
+the weights, so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without gpt2_accel.
+Nothing here knows about training, data or distributed execution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .attention import causal_attention
+from .configuration_gpt2_accel import GPT2AccelConfig
+
+try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - older transformers
+    from torch.nn import init
+
+
+class GPT2AccelAttention(nn.Module):
+    """Multi-head causal self-attention; the score function is chosen by ``config.attn_type``."""
+
+    def __init__(self, config: GPT2AccelConfig, layer_idx: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.layer_idx = layer_idx
+        self.attn_type = config.attn_type
+        self.n_positions = config.n_positions
+        self.config = config
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_proj = True  # scaled init, see _init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        B, T, C = x.size()  # batch, sequence length, n_embd
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, T_past + T, hs)
+        y = causal_attention(
+            q,
+            k,
+            v,
+            self.attn_type,
+            self.n_positions,
+            attention_mask=attention_mask,
+            dropout_p=self.config.dropout if self.training else 0.0,
+            implementation="eager" if self.config._attn_implementation == "eager" else "sdpa",
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class GPT2AccelMLP(nn.Module):
+    def __init__(self, config: GPT2AccelConfig):
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner, bias=config.bias)
+        self.c_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_proj = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C); GPT-2 used the tanh approximation of GELU
+        return self.dropout(self.c_proj(x))  # (B, T, C)
+
+
+class GPT2AccelBlock(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer block (GPT-2): x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPT2AccelConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = GPT2AccelAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = GPT2AccelMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attention_mask, past_key_values)  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class GPT2AccelPreTrainedModel(PreTrainedModel):
+    config_class = GPT2AccelConfig
+    config: GPT2AccelConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GPT2AccelBlock"]  # noqa: RUF012 -- a block must live on one device (accelerate's device_map)
+    _skip_keys_device_placement = ["past_key_values"]  # noqa: RUF012
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_cache_class = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the source (it looks for its AttentionInterface); our attention reads
+        # config._attn_implementation on every forward, so set_attn_implementation("eager"/"sdpa") is safe.
+        return True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_proj", False):
+                # GPT-2 paper (Radford et al. 2019, sec. 2.3): scale the weights of residual layers by 1/sqrt(N),
+                # N = number of residual layers = 2 per block (attention and MLP).
+                std = std / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class GPT2AccelModel(GPT2AccelPreTrainedModel):
+    """The transformer body: embeddings, blocks, final LayerNorm. Returns hidden states (B, T, C)."""
+
+    def __init__(self, config: GPT2AccelConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # token embeddings (tied to lm_head)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # learned position embeddings
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([GPT2AccelBlock(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        T = x.size(1)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds the model's context n_positions={self.config.n_positions}; "
+                "crop the input (generation: lower max_new_tokens or crop the prompt)"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=x.device).unsqueeze(0)  # (1, T)
+        x = self.drop(x + self.wpe(position_ids))  # (B, T, C)
+
+        mask = _attention_mask(attention_mask, T, past + T, x.device)  # None or (B, 1, T, T_past + T) bool
+
+        all_hidden = () if output_hidden_states else None
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden += (x,)
+            # The cache goes by keyword: under gradient checkpointing transformers drops it, so the backward replay
+            # cannot append the same keys twice.
+            x = block(x, mask, past_key_values=past_key_values)
+        x = self.ln_f(x)  # (B, T, C)
+        if output_hidden_states:
+            all_hidden += (x,)
+
+        return_dict = return_dict if return_dict is not None else True
+        if not return_dict:
+            return tuple(t for t in (x, past_key_values, all_hidden) if t is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=x, past_key_values=past_key_values, hidden_states=all_hidden
+        )
+
+
+def _attention_mask(attention_mask: torch.Tensor | None, t_q: int, t_k: int, device) -> torch.Tensor | None:
+    """Turn a (B, T_past + T) padding mask (1 = token, 0 = padding) into a boolean (B, 1, Tq, Tk) mask.
+
+    Returns None when nothing is padded, so attention takes its fastest purely causal path. Checking that costs
+    one device-to-host sync per forward, so training on packed windows should pass ``attention_mask=None``.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        # Already (B, 1, Tq, Tk) with causality included: generate() builds these for static (compilable) caches,
+        # boolean (True = attend) for sdpa, additive (0 = attend) for eager.
+        mask = attention_mask.to(device)
+        mask = mask if mask.dtype == torch.bool else mask == 0
+        return mask | ~mask.any(dim=-1, keepdim=True)
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            "attention_mask must be (batch, seq_len) of 0/1 or (batch, 1, q_len, kv_len), "
+            f"got shape {tuple(attention_mask.shape)}"
+        )
+    keep = attention_mask[:, -t_k:].to(device=device, dtype=torch.bool)  # (B, Tk)
+    if bool(keep.all()):
+        return None
+    q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]
+    causal = torch.arange(t_k, device=device)[None, :] <= q_pos  # (Tq, Tk)
+    mask = causal[None, None] & keep[:, None, None, :]  # (B, 1, Tq, Tk)
+    # A padding query may see no key at all; let it see every key so softmax stays finite. Its output is never
+    # used: real queries never attend to padding, and padded positions carry no loss.
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
+    """GPT-2 with a language-modelling head whose weight is tied to the token embedding."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}  # noqa: RUF012
+
+    def __init__(self, config: GPT2AccelConfig):
+        super().__init__(config)
+        self.transformer = GPT2AccelModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """``labels`` follow transformers (shifted here; -100 is ignored). ``shift_labels`` are targets already
+        aligned with the inputs (target t = next token after input t), as the trainer's packed windows give."""
+        out = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        h = out.last_hidden_state  # (B, T, C)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]  # generation only needs the last position's logits
+        # The padded vocabulary rows (pad_vocab_size_multiple) make the matmul faster but are cut off here, so a
+        # padded id can never be predicted, sampled or counted in the loss.
+        logits = self.lm_head(h)[..., : self.config.vocab_size]  # (B, T, vocab_size)
+
+        loss = None
+        if labels is not None and shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[
+                :, 1:
+            ]  # (B, T): target of position t is label t+1
+        if shift_labels is not None:
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)),
+                shift_labels.reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        return_dict = return_dict if return_dict is not None else True
+        if not return_dict:
+            rest = (logits, out.past_key_values, out.hidden_states)
+            rest = tuple(t for t in rest if t is not None)
+            return (loss, *rest) if loss is not None else rest
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+
+    def num_parameters_nonembedding(self) -> int:
+        """Parameters excluding position embeddings (nanoGPT's convention for reporting model size)."""
+        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()

@@ -1,0 +1,38 @@
+"""``accelerate launch [--config_file ...] -m gpt2_accel.train RECIPE.yaml [--key=value ...]``.
+
+Also ``gpt2-accel train RECIPE.yaml ...`` (same behaviour). ``--help`` lists every recipe key with its doc.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .recipe import RecipeError, help_text, load_recipe
+
+USAGE = "usage: gpt2-accel train RECIPE.yaml [--key=value | --key value ...]\n       accelerate launch [--config_file CFG] -m gpt2_accel.train RECIPE.yaml [--key=value ...]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        print(help_text())
+        return 0 if argv else 2
+    path, overrides = (argv[0], argv[1:]) if not argv[0].startswith("--") else (None, argv)
+    try:
+        recipe = load_recipe(path, overrides)  # validated before anything heavy is imported or built
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .trainer import Trainer
+
+    try:
+        Trainer(recipe).train()
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,637 @@
+"""The training loop: one linear function around Accelerate, the only module that touches ``accelerator``.
+
+``Trainer(recipe).train()`` is what ``accelerate launch -m gpt2_accel.train recipe.yaml`` and
+``gpt2-accel train`` run; scripts and notebooks use it directly (``Trainer.from_recipe_file(path, **overrides)``
+or ``Trainer(n_layer=2, max_steps=10, ...)``). Parallelism (DDP, FSDP, DeepSpeed) comes from the launch config
+through ``accelerator.prepare``; the model never knows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import platform
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
+from .optim import build_optimizer, lr_at
+from .recipe import Recipe, RecipeError, build_recipe, load_recipe
+
+logger = logging.getLogger("gpt2_accel")
+
+OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2")
+
+
+class TrainerCallback:
+    """Override any hook; each receives the trainer. Called on the main process only (logs are already reduced)."""
+
+    def on_train_begin(self, trainer: Trainer) -> None: ...
+    def on_log(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
+    def on_evaluate(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+    def on_save(self, trainer: Trainer, checkpoint_dir: Path) -> None: ...
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm was NaN/inf (on_nonfinite='error')."""
+
+
+@dataclass
+class TrainerState:
+    """What, besides model/optimizer/RNG, a resumed run needs: saved as trainer_state.json."""
+
+    step: int = 0  # optimizer steps completed
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    skipped_steps: int = 0
+    world_size: int = 1
+    last_eval: dict[str, Any] | None = None  # the latest evaluation results, for the final report
+
+
+class Trainer:
+    def __init__(
+        self, recipe: Recipe | None = None, *, callbacks: list[TrainerCallback] | None = None, **keys: Any
+    ):
+        """Build from a :class:`Recipe` or from recipe keys (``Trainer(n_layer=2, max_steps=10)``)."""
+        if recipe is None:
+            recipe = build_recipe(keys)
+        elif keys:
+            raise TypeError("pass either a Recipe or recipe keys, not both")
+        self.recipe = recipe
+        self.callbacks = list(callbacks or [])
+        self.state = TrainerState()
+        self._stop_signal: int | None = None
+        self._built = False
+
+    @classmethod
+    def from_recipe_file(
+        cls, path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None, **kw
+    ) -> Trainer:
+        return cls(load_recipe(path, overrides), **kw)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        if self._built:
+            return
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType, set_seed
+
+        r, t = self.recipe, self.recipe.training
+        self.output_dir = Path(t.output_dir)
+        log_with = [x for x in t.report_to if x != "none"] or None
+        mp = "bf16" if t.bf16 else "fp16" if t.fp16 else None  # None: the launch config decides
+        self.accelerator = acc = Accelerator(
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            mixed_precision=mp,
+            log_with=log_with,
+            project_dir=str(self.output_dir),
+        )
+        self._check_world(acc)
+        self.is_main = acc.is_main_process
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        if not self.is_main:
+            logger.setLevel(logging.WARNING)
+        dist = acc.distributed_type
+        logger.info(
+            "launch: distributed_type=%s processes=%d machines=%s mixed_precision=%s device=%s",
+            dist.value if hasattr(dist, "value") else dist,
+            acc.num_processes,
+            os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("NNODES", "1")),
+            acc.mixed_precision,
+            acc.device,
+        )
+        if dist == DistributedType.DEEPSPEED:
+            # Our batch settings are the single source of truth; DeepSpeed needs them in its own config.
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = t.per_device_train_batch_size
+            ds["gradient_accumulation_steps"] = t.gradient_accumulation_steps
+            ds["train_batch_size"] = (
+                t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
+            )
+            if t.max_grad_norm > 0:
+                ds["gradient_clipping"] = t.max_grad_norm
+
+        resume_dir = self._find_resume_dir()
+        set_seed(
+            t.seed
+        )  # same init on every rank; per-rank RNG streams come back from the checkpoint on resume
+
+        from .tokenization import get_tokenizer
+
+        self.tokenizer = get_tokenizer(r.data.tokenizer_name)
+        self.model = self._build_model(resume_dir)
+        cfg = self.model.config
+        self.block_size = r.data.block_size or cfg.n_positions
+        if self.block_size > cfg.n_positions:
+            raise RecipeError(
+                f"block_size={self.block_size} is longer than the model's context n_positions={cfg.n_positions}; "
+                "lower block_size"
+            )
+        if self.tokenizer.vocab_size > cfg.vocab_size:
+            raise RecipeError(
+                f"tokenizer {r.data.tokenizer_name!r} has {self.tokenizer.vocab_size} tokens but the model's "
+                f"vocab_size is {cfg.vocab_size}; set vocab_size >= {self.tokenizer.vocab_size} or change tokenizer_name"
+            )
+        if t.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+
+        self.global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
+        self.tokens_per_step = self.global_batch * self.block_size
+        self.max_steps = t.max_steps
+        if t.max_train_tokens is not None:
+            self.max_steps = math.ceil(t.max_train_tokens / self.tokens_per_step)
+
+        from .data import build_eval_windows, build_train_loader
+
+        self.train_loader = build_train_loader(
+            r.data,
+            self.tokenizer,
+            block_size=self.block_size,
+            batch_size=t.per_device_train_batch_size,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            seed=t.seed,
+            grad_accum=t.gradient_accumulation_steps,
+        )
+        self.eval_windows = build_eval_windows(
+            r.data,
+            self.tokenizer,
+            block_size=self.block_size,
+            max_samples=r.data.max_eval_samples,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+        )
+
+        self.optimizer = build_optimizer(self.model, t, acc.device.type)
+        model = self.model
+        if t.torch_compile:
+            model = torch.compile(model)
+        self.model_engine, self.optimizer = acc.prepare(model, self.optimizer)
+
+        n_params = sum(p.numel() for p in self.model.parameters()) - self.model.transformer.wpe.weight.numel()
+        self.flops_per_token = flops_per_token(n_params, cfg.n_layer, cfg.n_embd, self.block_size)
+        precision = acc.mixed_precision if acc.mixed_precision in ("bf16", "fp16") else "fp32"
+        if acc.device.type == "cuda" and precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+            precision = "tf32"
+        self.peak_flops, self.peak_source = peak_flops(acc.device, precision)
+        logger.info(
+            "model: %.2fM parameters (%s), block_size=%d, global batch=%d windows = %d tokens/step, max_steps=%d",
+            n_params / 1e6,
+            cfg.attn_type,
+            self.block_size,
+            self.global_batch,
+            self.tokens_per_step,
+            self.max_steps,
+        )
+
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=self.is_main)
+        if resume_dir is not None:
+            self._load_checkpoint(resume_dir)
+        elif self.is_main:
+            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.output_dir / "recipe.yaml", self.recipe.to_yaml())
+        if log_with:
+            acc.init_trackers(t.run_name or self.output_dir.name, config=self.recipe.flat())
+        self._built = True
+
+    def _check_world(self, acc) -> None:
+        """Refuse a launch whose world differs from what was asked: a silent fallback trains N separate models."""
+        asked = int(os.environ.get("WORLD_SIZE", "1"))
+        if acc.num_processes != asked:
+            raise RuntimeError(
+                f"the launch asked for {asked} processes (WORLD_SIZE) but Accelerate sees {acc.num_processes} "
+                f"(distributed_type={acc.distributed_type}). On CPU use accelerate_configs/cpu.yaml "
+                "(or ACCELERATE_USE_CPU=1) for multi-process gloo; check --num_processes and the launch config"
+            )
+
+    def _find_resume_dir(self) -> Path | None:
+        t, m = self.recipe.training, self.recipe.model
+        if t.resume_from_checkpoint not in (None, "auto", "never"):
+            path = Path(t.resume_from_checkpoint)
+            if not (path / ckpt.COMPLETE).is_file():
+                latest = ckpt.latest_checkpoint(path)  # a run directory was given
+                if latest is None:
+                    raise RecipeError(
+                        f"resume_from_checkpoint={str(path)!r} is not a complete checkpoint (no {ckpt.COMPLETE} "
+                        "marker) nor a run directory with one"
+                    )
+                path = latest
+            return path
+        latest = ckpt.latest_checkpoint(self.output_dir)
+        if m.init_from == "resume":
+            if latest is None:
+                raise RecipeError(
+                    f"init_from='resume' but {str(self.output_dir)!r} has no complete checkpoint; "
+                    "train with init_from=scratch first or point output_dir at an existing run"
+                )
+            return latest
+        if latest is None or t.overwrite_output_dir:
+            return None
+        if t.resume_from_checkpoint == "auto":
+            return latest
+        raise RecipeError(
+            f"output_dir {str(self.output_dir)!r} already holds checkpoints; use resume_from_checkpoint=auto to "
+            "continue, overwrite_output_dir=true to start over there, or another output_dir"
+        )
+
+    def _build_model(self, resume_dir: Path | None):
+        from .configuration_gpt2_accel import GPT2AccelConfig
+        from .modeling_gpt2_accel import GPT2AccelForCausalLM
+
+        m = self.recipe.model
+        overrides = {k: v for k, v in (("dropout", m.dropout), ("attn_type", m.attn_type)) if v is not None}
+        impl = m.attn_implementation
+        if resume_dir is not None:
+            # The checkpoint's own export has the architecture; its weights are replaced by load_state anyway.
+            model = GPT2AccelForCausalLM.from_pretrained(
+                resume_dir / "model", attn_implementation=impl, **overrides
+            )
+        elif m.init_from == "scratch":
+            config = GPT2AccelConfig(
+                vocab_size=m.vocab_size or self.tokenizer.vocab_size,
+                n_positions=m.n_positions,
+                n_embd=m.n_embd,
+                n_layer=m.n_layer,
+                n_head=m.n_head,
+                dropout=m.dropout if m.dropout is not None else 0.0,
+                bias=m.bias,
+                attn_type=m.attn_type or "SM",
+                pad_vocab_size_multiple=m.pad_vocab_size_multiple,
+                bos_token_id=self.tokenizer.eot_token_id,
+                eos_token_id=self.tokenizer.eot_token_id,
+            )
+            config._attn_implementation = impl
+            model = GPT2AccelForCausalLM(config)
+        else:
+            model = load_pretrained_for_training(m.init_from, attn_implementation=impl, **overrides)
+        model.config.use_cache = False  # training never needs the KV cache
+        return model
+
+    # ------------------------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+    def _load_checkpoint(self, path: Path) -> None:
+        acc = self.accelerator
+        saved_recipe = ckpt.read_json(path / "recipe.json") if (path / "recipe.json").exists() else {}
+        diffs = ckpt.recipe_differences(saved_recipe, self.recipe.flat())
+        if diffs and not self.recipe.training.allow_recipe_change:
+            raise RecipeError(
+                f"cannot resume from {path}: the recipe differs from the checkpoint's in "
+                + "; ".join(diffs)
+                + ". Restore those keys, use another output_dir, or set allow_recipe_change=true"
+            )
+        acc.load_state(str(path / "state"))
+        st = ckpt.read_json(path / "trainer_state.json")
+        self.state = TrainerState(**st)
+        data_state = ckpt.read_json(path / "data_state.json")
+        self.train_loader.load_state_dict(data_state["ranks"])
+        self.metrics.truncate_after(self.state.step)
+        logger.info(
+            "resumed from %s at step %d (%d tokens seen)", path, self.state.step, self.state.tokens_seen
+        )
+
+    def save_checkpoint(self) -> Path:
+        """Write a resumable checkpoint of the current step; atomic (see checkpoint.py). Collective: all ranks."""
+        from accelerate.utils import gather_object
+
+        acc, step = self.accelerator, self.state.step
+        data_states = gather_object([self.train_loader.state_dict()])  # one entry per rank, in rank order
+        if self.is_main:
+            ckpt.staging_dir(self.output_dir, step)
+        acc.wait_for_everyone()
+        tmp = Path(self.output_dir) / ckpt.CHECKPOINTS / f".tmp-{ckpt.checkpoint_name(step)}"
+        acc.save_state(str(tmp / "state"))
+        self._export_model(tmp / "model")
+        if self.is_main:
+            self.state.world_size = acc.num_processes
+            ckpt.write_json(tmp / "trainer_state.json", self.state.__dict__)
+            ckpt.write_json(tmp / "data_state.json", {"world_size": acc.num_processes, "ranks": data_states})
+            ckpt.write_json(tmp / "recipe.json", self.recipe.flat())
+            ckpt.atomic_write_text(tmp / "recipe.yaml", self.recipe.to_yaml())
+        acc.wait_for_everyone()
+        final = Path(self.output_dir) / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)
+        if self.is_main:
+            final = ckpt.commit(tmp, step)
+            keep = {self.state.best_step} if self.state.best_step is not None else set()
+            ckpt.prune(self.output_dir, self.recipe.training.save_total_limit, keep)
+            logger.info("checkpoint committed: %s", final)
+            for cb in self.callbacks:
+                cb.on_save(self, final)
+        acc.wait_for_everyone()
+        return final
+
+    def _export_model(self, directory: Path) -> None:
+        """A consolidated Hugging Face model directory (collective: FSDP/ZeRO-3 gather the full weights)."""
+        acc = self.accelerator
+        state_dict = acc.get_state_dict(self.model_engine)
+        if self.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            model = acc.unwrap_model(self.model_engine)
+            model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+            model.config.use_cache = True  # for the people who load it to generate
+            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+            model.config.use_cache = False
+            self.tokenizer.save_pretrained(directory)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # evaluation
+    # ------------------------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        """Validation loss/perplexity (and HellaSwag if configured) on all ranks; returns the reduced metrics."""
+        self._setup()
+        from .evaluation import evaluate_loss
+
+        t = self.recipe.training
+        self.model_engine.eval()
+        res = evaluate_loss(
+            self.model_engine,
+            self.eval_windows,
+            batch_size=t.per_device_eval_batch_size,
+            accelerator=self.accelerator,
+        )
+        out = {
+            "step": self.state.step,
+            "val_loss": res["loss"],
+            "val_ppl": res["perplexity"],
+            "val_tokens": res["tokens"],
+        }
+        if t.hellaswag_data:
+            from .evaluation import load_hellaswag, score_hellaswag
+
+            if not hasattr(self, "_hellaswag"):
+                self._hellaswag = load_hellaswag(t.hellaswag_data, t.hellaswag_max_examples)
+            hs = score_hellaswag(
+                self.model_engine,
+                self.tokenizer,
+                self._hellaswag,
+                rank=self.accelerator.process_index,
+                world_size=self.accelerator.num_processes,
+                accelerator=self.accelerator,
+            )
+            out.update(hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"], hellaswag_n=hs["n"])
+        self.model_engine.train()
+        self.state.last_eval = out
+        if self.state.best_val_loss is None or out["val_loss"] < self.state.best_val_loss:
+            self.state.best_val_loss, self.state.best_step = out["val_loss"], self.state.step
+        if self.is_main:
+            self.metrics.write(out)
+            for cb in self.callbacks:
+                cb.on_evaluate(self, out)
+        self.accelerator.log({k: v for k, v in out.items() if k != "step"}, step=self.state.step)
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        self._setup()
+        from tqdm.auto import tqdm
+
+        acc, t = self.accelerator, self.recipe.training
+        model, opt = self.model_engine, self.optimizer
+        ga = t.gradient_accumulation_steps
+        params = [p for p in model.parameters() if p.requires_grad]
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        data_iter = iter(self.train_loader)
+        bar = tqdm(
+            total=self.max_steps, initial=self.state.step, disable=not self.is_main, desc="train", unit="step"
+        )
+        self._install_signal_handlers()
+        model.train()
+        loss_sum = torch.zeros(
+            (), device=acc.device
+        )  # summed over steps since the last log (device, no sync)
+        steps_since_log, t_log, loss_ema = 0, time.perf_counter(), None
+        last_eval, last_save = None, None
+        start_step = self.state.step
+
+        while self.state.step < self.max_steps:
+            step = self.state.step
+            lr = lr_at(step, t, self.max_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=acc.device)
+            for _ in range(ga):
+                batch = next(data_iter).to(acc.device, non_blocking=True)  # (B, T + 1)
+                with acc.accumulate(model):
+                    out = model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:], use_cache=False)
+                    acc.backward(out.loss)
+                    step_loss += out.loss.detach() / ga
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(
+                            params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+                        )
+                        # One host sync per step: the guard must run before the update.
+                        finite = torch.isfinite(step_loss) & (
+                            torch.isfinite(grad_norm)
+                            if isinstance(grad_norm, torch.Tensor)
+                            else torch.tensor(True)
+                        )
+                        if not bool(finite):
+                            self._nonfinite(step, step_loss, grad_norm)
+                            opt.zero_grad(set_to_none=True)
+                            continue
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+            self.state.step += 1
+            self.state.tokens_seen += self.tokens_per_step
+            loss_sum += step_loss
+            steps_since_log += 1
+            bar.update(1)
+
+            if self.state.step % t.logging_steps == 0 or self.state.step == self.max_steps:
+                mean_loss = acc.reduce(loss_sum / steps_since_log, reduction="mean").item()
+                dt = time.perf_counter() - t_log
+                tok_s = steps_since_log * self.tokens_per_step / dt
+                mfu = tok_s * self.flops_per_token / (self.peak_flops * acc.num_processes)
+                gn = float(grad_norm) if isinstance(grad_norm, torch.Tensor) else grad_norm
+                logs = {
+                    "step": self.state.step,
+                    "loss": mean_loss,
+                    "lr": lr,
+                    "grad_norm": gn,
+                    "tokens": self.state.tokens_seen,
+                    "tokens_per_sec": tok_s,
+                    "mfu": mfu,
+                }
+                if loss_ema is not None and self.state.step > t.warmup_steps and mean_loss > 1.5 * loss_ema:
+                    logs["loss_spike"] = True
+                    logger.warning(
+                        "loss spike at step %d: %.4f vs recent mean %.4f",
+                        self.state.step,
+                        mean_loss,
+                        loss_ema,
+                    )
+                loss_ema = mean_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * mean_loss
+                if self.state.skipped_steps:
+                    logs["skipped_steps"] = self.state.skipped_steps
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                if self.is_main:
+                    self.metrics.write(logs)
+                    for cb in self.callbacks:
+                        cb.on_log(self, logs)
+                acc.log({k: v for k, v in logs.items() if k != "step"}, step=self.state.step)
+                loss_sum.zero_()
+                steps_since_log, t_log = 0, time.perf_counter()
+
+            if t.eval_steps and self.state.step % t.eval_steps == 0:
+                self.evaluate()
+                last_eval = self.state.step
+                t_log = time.perf_counter()  # evaluation time is not training throughput
+            if t.save_steps and self.state.step % t.save_steps == 0:
+                self.save_checkpoint()
+                last_save = self.state.step
+                t_log = time.perf_counter()
+            if self._should_stop():
+                bar.close()
+                if last_save != self.state.step:
+                    self.save_checkpoint()
+                logger.info(
+                    "stopped by signal at step %d; checkpoint written, relaunch to resume", self.state.step
+                )
+                self._restore_signal_handlers()
+                return {"step": self.state.step, "stopped": True}
+
+        bar.close()
+        self._restore_signal_handlers()
+        final: dict[str, Any] = {"step": self.state.step}
+        if self.state.step > start_step or not (self.output_dir / "model.safetensors").exists():
+            if last_eval != self.state.step:
+                final.update(self.evaluate())
+            else:
+                final.update(self.state.last_eval or {})
+            if last_save != self.state.step:
+                self.save_checkpoint()
+            self._finish(final)
+        for cb in self.callbacks:
+            if self.is_main:
+                cb.on_train_end(self, final)
+        self.accelerator.end_training()
+        return final
+
+    def _nonfinite(self, step: int, loss: torch.Tensor, grad_norm) -> None:
+        msg = f"non-finite loss or gradient at step {step + 1}: loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}"
+        if self.recipe.training.on_nonfinite == "error":
+            raise NonFiniteLossError(
+                msg + ". Lower learning_rate, check the data, or set on_nonfinite=skip to skip such steps"
+            )
+        self.state.skipped_steps += 1
+        logger.warning("%s: update skipped (%d skipped so far)", msg, self.state.skipped_steps)
+
+    def _finish(self, final: dict[str, Any]) -> None:
+        """Final model export at the run's root, the loss curve, run info; push if asked. Collective."""
+        acc, t = self.accelerator, self.recipe.training
+        self._export_model(self.output_dir)
+        if self.is_main:
+            plot_loss_curve(
+                self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png", self.output_dir.name
+            )
+            results = {k: v for k, v in final.items() if k.startswith(("val_", "hellaswag_"))}
+            ckpt.write_json(self.output_dir / "eval_results.json", results)
+            ckpt.write_json(
+                self.output_dir / "run_info.json",
+                {
+                    "steps": self.state.step,
+                    "tokens_seen": self.state.tokens_seen,
+                    "world_size": acc.num_processes,
+                    "distributed_type": str(acc.distributed_type),
+                    "mixed_precision": acc.mixed_precision,
+                    "hardware": _hardware(acc.device),
+                    "skipped_steps": self.state.skipped_steps,
+                },
+            )
+            if t.push_to_hub:
+                self._push()
+        acc.wait_for_everyone()
+
+    def _push(self) -> None:
+        try:
+            from .hub import push_run
+        except ImportError:  # pragma: no cover
+            logger.error("push_to_hub is set but gpt2_accel.hub is unavailable")
+            return
+        t = self.recipe.training
+        try:
+            url = push_run(
+                self.output_dir,
+                t.hub_model_id or self.output_dir.name,
+                token=t.hub_token,
+                private=t.hub_private_repo,
+                include_checkpoints=t.hub_strategy == "checkpoint",
+            )
+            logger.info("pushed to %s", url)
+        except Exception as e:  # a failed push must never lose the run
+            logger.error(
+                "push to the Hub failed; the run is intact in %s. Retry with `gpt2-accel push`: %s",
+                self.output_dir,
+                e,
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # preemption
+    # ------------------------------------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        self._old_handlers = {}
+
+        def handler(signum, frame):
+            self._stop_signal = signum  # finish the step, checkpoint, exit 0 (see _should_stop)
+
+        with contextlib.suppress(ValueError):  # not the main thread (e.g. a notebook worker): no handlers
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, old)
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor(1.0 if self._stop_signal is not None else 0.0, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")  # any rank signalled -> every rank stops
+        return bool(flag.item() > 0)
+
+
+def load_pretrained_for_training(source: str, attn_implementation: str = "sdpa", **overrides):
+    """Our model from ``source``: an OpenAI GPT-2 name, a vanilla GPT-2 dir/repo, or one of ours (run dir/repo)."""
+    from transformers import AutoConfig
+
+    from .modeling_gpt2_accel import GPT2AccelForCausalLM
+
+    if source in OPENAI_GPT2:
+        from .convert import from_hf_gpt2
+
+        return from_hf_gpt2(source, attn_implementation=attn_implementation, **overrides)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=True)
+    except OSError as e:
+        raise RecipeError(
+            f"init_from={source!r}: not 'scratch', 'resume', an OpenAI GPT-2 name, a local model directory, or a "
+            f"reachable Hub repo ({e.__class__.__name__}: {e})"
+        ) from None
+    if config.model_type == "gpt2":
+        from .convert import from_hf_gpt2
+
+        return from_hf_gpt2(source, attn_implementation=attn_implementation, **overrides)
+    return GPT2AccelForCausalLM.from_pretrained(source, attn_implementation=attn_implementation, **overrides)
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

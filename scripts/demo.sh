@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The demo: set up .venv (once), train a small GPT-2 on the bundled Shakespeare with `accelerate launch`,
+# then sample from the saved checkpoint. Extra arguments override recipe keys: scripts/demo.sh --max_steps=50
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source scripts/setup_env.sh
+OUT=runs/demo
+for a in "$@"; do case "$a" in --output_dir=*) OUT="${a#--output_dir=}";; esac; done
+accelerate launch --config_file accelerate_configs/cpu.yaml --num_processes 1 \
+  -m gpt2_accel.train recipes/demo.yaml "$@"
+echo
+echo "=== samples from $OUT (loss curve: $OUT/loss_curve.png, metrics: $OUT/metrics.jsonl) ==="
+gpt2-accel sample --model "$OUT" --prompt "ROMEO:" --num_samples 2 --max_new_tokens 120 --temperature 0.8 --top_k 200 --seed 1

@@ -1,0 +1,368 @@
+"""Attention variants (SM, GK, GKpoly-<n>, PA_<act>): formula, causality, masks, KV cache, model wiring.
+
+The reference is a float64 evaluation of each variant's definition written independently of attention.py
+(direct ||q - k||^2, no expansion), see docs/attention.md.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from gpt2_accel import GPT2AccelConfig, GPT2AccelForCausalLM
+from gpt2_accel import attention as attn_mod
+from gpt2_accel.attention import causal_attention
+from gpt2_accel.recipe import load_recipe
+
+VARIANTS = [
+    "SM",
+    "GK",
+    "GKpoly-1",
+    "GKpoly-3",
+    "PA_relu",
+    "PA_gelu",
+    "PA_sigmoid",
+    "PA_square",
+    "PA_relu_square",
+]
+IMPLS = ["sdpa", "eager"]
+N_POSITIONS = 64
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "attention").glob("*.yaml"))
+
+ACTS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "sigmoid": torch.sigmoid,
+    "square": torch.square,
+    "relu_square": lambda x: F.relu(x) ** 2,
+}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    # Several query blocks even at T = 40, so the blocked path's block boundaries are exercised.
+    monkeypatch.setattr(attn_mod, "BLOCK_SIZE", 16)
+
+
+def reference(q, k, v, attn_type: str, mask: torch.Tensor, n_positions: int = N_POSITIONS) -> torch.Tensor:
+    """The definition in float64; ``mask`` (.., Tq, Tk) bool, True = may attend."""
+    q, k, v = q.double(), k.double(), v.double()
+    d = q.size(-1)
+    dots = q @ k.transpose(-2, -1) / math.sqrt(d)  # (B, nh, Tq, Tk)
+    if attn_type == "SM":
+        w = dots.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num()
+        return w @ v
+    if attn_type.startswith("GK"):
+        x = -(q[..., :, None, :] - k[..., None, :, :]).square().sum(-1) / (2 * math.sqrt(d))
+        if attn_type == "GK":
+            w = x.exp()
+        else:
+            big_n = 2 ** int(attn_type.split("-")[1])
+            w = (1 + x / big_n) ** big_n
+        return torch.where(mask, w, 0.0) @ v
+    act = ACTS[attn_type[3:]]
+    return torch.where(mask, act(dots), 0.0) @ v / n_positions
+
+
+def causal(t_q: int, t_k: int) -> torch.Tensor:
+    return torch.arange(t_k)[None, :] <= torch.arange(t_k - t_q, t_k)[:, None]  # (Tq, Tk)
+
+
+def make_qkv(b=2, h=3, t=40, hs=16, seed=0, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    # scale 0.5 keeps the GK exponent x around -1 (|x| < 4 = GKpoly-1's valid bound 2^(n+1)).
+    return [(scale * torch.randn(b, h, t, hs, generator=g)).requires_grad_(True) for _ in range(3)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+def tol(attn_type: str) -> float:
+    return 1e-4 if attn_type.startswith("GKpoly") else 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("attn_type", VARIANTS)
+def test_forward_and_grads_match_float64_formula(attn_type, impl):
+    q, k, v = make_qkv()
+    y = causal_attention(q, k, v, attn_type, N_POSITIONS, implementation=impl)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, (q, k, v), g)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    y64 = reference(q64, k64, v64, attn_type, causal(40, 40))
+    grads64 = torch.autograd.grad(y64, (q64, k64, v64), g.double())
+
+    assert y.dtype == torch.float32 and y.shape == q.shape
+    assert rel_err(y, y64) <= tol(attn_type)
+    for name, a, b in zip("qkv", grads, grads64):
+        assert rel_err(a, b) <= tol(attn_type), f"grad of {name}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("attn_type", VARIANTS)
+def test_no_output_depends_on_a_future_position(attn_type, impl):
+    q, k, v = (t.detach() for t in make_qkv())
+    y = causal_attention(q, k, v, attn_type, N_POSITIONS, implementation=impl)
+    cut = 21  # change keys and values at positions >= cut
+    k2, v2 = k.clone(), v.clone()
+    k2[..., cut:, :] += 3.0
+    v2[..., cut:, :] = torch.randn_like(v2[..., cut:, :])
+    y2 = causal_attention(q, k2, v2, attn_type, N_POSITIONS, implementation=impl)
+    torch.testing.assert_close(y2[..., :cut, :], y[..., :cut, :], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(y2[..., cut:, :], y[..., cut:, :])  # the change is visible where it may be
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("attn_type", VARIANTS)
+def test_kv_cache_queries_are_the_last_positions(attn_type, impl):
+    """Tq < Tk (decoding with a cache): the queries are the last Tq positions, as in the full computation."""
+    q, k, v = (t.detach() for t in make_qkv())
+    full = causal_attention(q, k, v, attn_type, N_POSITIONS, implementation=impl)
+    for t_q in (1, 5):
+        part = causal_attention(q[..., -t_q:, :], k, v, attn_type, N_POSITIONS, implementation=impl)
+        torch.testing.assert_close(part, full[..., -t_q:, :], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("attn_type", VARIANTS)
+def test_left_padding_mask_matches_formula(attn_type, impl):
+    """A boolean (B, 1, Tq, Tk) mask (causal & not padding, as the model builds it) replaces the causal rule."""
+    t = 24
+    q, k, v = make_qkv(t=t)
+    keep = torch.ones(2, t, dtype=torch.bool)
+    keep[0, :7] = False  # row 0 is left-padded by 7 tokens
+    mask = causal(t, t)[None, None] & keep[:, None, None, :]  # (B, 1, T, T)
+    mask = mask | ~mask.any(-1, keepdim=True)  # padding queries see everything (their output is unused)
+    y = causal_attention(q, k, v, attn_type, N_POSITIONS, attention_mask=mask, implementation=impl)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(y, (q, k, v), g)
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    y64 = reference(q64, k64, v64, attn_type, mask)
+    grads64 = torch.autograd.grad(y64, (q64, k64, v64), g.double())
+    assert rel_err(y, y64) <= tol(attn_type)
+    for a, b in zip(grads, grads64):
+        assert rel_err(a, b) <= tol(attn_type)
+
+
+@pytest.mark.parametrize("attn_type", ["SM", "GK", "GKpoly-2", "PA_relu"])
+def test_fully_masked_rows_give_zero_not_nan(attn_type):
+    q, k, v = (t.detach() for t in make_qkv(t=8))
+    mask = causal(8, 8).clone()
+    mask[3] = False  # query 3 may attend to nothing
+    for impl in ("eager",) if attn_type == "SM" else IMPLS:  # SM's fused kernel is torch's (NaN) behaviour
+        y = causal_attention(q, k, v, attn_type, N_POSITIONS, attention_mask=mask, implementation=impl)
+        assert torch.isfinite(y).all()
+        assert (y[..., 3, :] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gk_accurate_for_large_shared_offset(impl):
+    """q and k sharing a large offset (the c_attn biases) would make ||q||^2 + ||k||^2 - 2 q.k cancel."""
+    q, k, v = (t.detach() for t in make_qkv())
+    q, k = q + 30.0, k + 30.0  # ||q||^2 / (2 sqrt d) ~ 1800
+    y = causal_attention(q, k, v, "GK", N_POSITIONS, implementation=impl)
+    assert rel_err(y, reference(q, k, v, "GK", causal(40, 40))) <= 1e-5
+
+
+def test_gk_far_keys_underflow_to_zero_without_nan():
+    """Keys far from every query: the exact output is ~exp(-1e4), i.e. 0 in fp32, and gradients stay finite."""
+    q, k, v = make_qkv(t=16)
+    with torch.no_grad():
+        q[..., 1:, :] += 100.0  # queries 1.. are far from every key
+    y = causal_attention(q, k, v, "GK", N_POSITIONS)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and (y[..., 1:, :].abs() < 1e-30).all()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("attn_type", ["GKpoly-8", "PA_square"])
+def test_overflowing_weight_at_a_future_key_does_not_poison_gradients(attn_type, impl):
+    """A future key whose weight overflows (GKpoly far outside its range, square of a huge score) is masked
+    before the weight function, so outputs and gradients of earlier positions stay finite and exact."""
+    q, k, v = make_qkv(t=24)
+    with torch.no_grad():
+        k[..., 12:, :] = 1e3 * torch.sign(q[..., 12:, :])  # (1 + x/256)^256 and (q.k)^2 overflow fp32
+    y = causal_attention(q, k, v, attn_type, N_POSITIONS, implementation=impl)
+    y[..., :12, :].sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    ref = reference(q, k, v, attn_type, causal(24, 24))
+    assert rel_err(y[..., :12, :], ref[..., :12, :]) <= 1e-4
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_gkpoly_valid_range_and_divergence_below_minus_2_to_the_n_plus_1(n):
+    """One key at squared distance 2 sqrt(d) * |x| gives weight (1 + x/2^n)^(2^n): close to exp(x) and in [0, 1]
+    for -2^(n+1) <= x <= 0, larger than 1 (diverging from exp) below -2^(n+1). Documented in docs/attention.md."""
+    d = 4
+    for x in (-0.5, -float(2 ** (n + 1)), -(2 ** (n + 1)) - 1.0, -(2 ** (n + 2)) * 1.0):
+        q = torch.zeros(1, 1, 1, d, dtype=torch.float64)
+        k = torch.zeros(1, 1, 1, d, dtype=torch.float64)
+        k[..., 0] = math.sqrt(2 * math.sqrt(d) * -x)
+        v = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+        w = causal_attention(q, k, v, f"GKpoly-{n}").item()
+        assert w == pytest.approx((1 + x / 2**n) ** (2**n), rel=1e-9)
+        if x >= -(2 ** (n + 1)):
+            assert 0.0 <= w <= 1.0
+        else:
+            assert w > 1.0 > math.exp(x)
+
+
+def test_pa_constant_is_one_over_n_positions():
+    """PA with v = 1, relu and q.k/sqrt(d) = 1 everywhere: y_i = (i + 1) / n_positions."""
+    d, t = 4, 6
+    q = torch.full((1, 1, t, d), 1.0)
+    k = torch.full((1, 1, t, d), 0.5)  # q.k / sqrt(d) = 4 * 0.5 / 2 = 1
+    v = torch.ones(1, 1, t, 1)
+    for impl in IMPLS:
+        y = causal_attention(q, k, v, "PA_relu", n_positions=32, implementation=impl)
+        torch.testing.assert_close(y.flatten(), torch.arange(1.0, t + 1) / 32)
+
+
+def test_dropout_training_path_runs_and_is_exact_without_dropout():
+    """GK with dropout takes the blocked path (dropout would hit the sentinel); p > 0 changes the output."""
+    q, k, v = make_qkv()
+    torch.manual_seed(0)
+    y = causal_attention(q, k, v, "GK", N_POSITIONS, dropout_p=0.5)
+    y.sum().backward()
+    ref = reference(q, k, v, "GK", causal(40, 40))
+    assert torch.isfinite(q.grad).all() and not torch.allclose(y.double(), ref)
+
+
+@pytest.mark.parametrize("attn_type", ["GK", "GKpoly-2"])
+def test_bf16_inputs_computed_in_fp32(attn_type):
+    q, k, v = (t.detach() for t in make_qkv())
+    y = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_type)
+    ref = reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_type, causal(40, 40))
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, ref) <= 1e-2  # bf16 output rounding only
+
+
+def test_unknown_attn_type_lists_valid_forms():
+    q, k, v = (t.detach() for t in make_qkv(t=4))
+    for bad in ("softmax", "GKpoly-0", "GKpoly-17", "GKpoly-x", "PA_"):
+        with pytest.raises(ValueError, match="valid forms: SM, GK, GKpoly-<n>"):
+            causal_attention(q, k, v, bad)
+    with pytest.raises(ValueError, match=r"unknown activation 'nope'.*relu_square"):
+        causal_attention(q, k, v, "PA_nope")
+    with pytest.raises(ValueError, match=r"not a valid attention type; valid forms: SM, GK, GKpoly-<n>"):
+        GPT2AccelConfig(attn_type="gaussian")
+    with pytest.raises(ValueError, match="implementation='flash'"):
+        causal_attention(q, k, v, "GK", implementation="flash")
+
+
+def test_any_elementwise_activation_by_name():
+    q, k, v = (t.detach() for t in make_qkv(t=8))
+    y = causal_attention(q, k, v, "PA_softplus", N_POSITIONS)
+    dots = q.double() @ k.double().transpose(-2, -1) / 4
+    ref = torch.where(causal(8, 8), F.softplus(dots), 0.0) @ v.double() / N_POSITIONS
+    assert rel_err(y, ref) <= 1e-5
+
+
+# -- through the model ------------------------------------------------------------------------------------------
+
+MODEL_VARIANTS = ["SM", "GK", "GKpoly-3", "PA_relu"]
+
+
+@pytest.mark.parametrize("attn_type", MODEL_VARIANTS)
+def test_cached_greedy_generation_equals_full_recompute(attn_type):
+    model = tiny_model(attn_type=attn_type)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding in row 0
+    outs = {
+        uc: model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=10,
+            do_sample=False,
+            use_cache=uc,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        for uc in (True, False)
+    }
+    assert torch.equal(outs[True], outs[False])
+    # Logits too: step-by-step with the cache == one full forward.
+    full = model(ids[1:]).logits  # (1, T, V)
+    out = model(ids[1:, :3], use_cache=True)
+    steps = [out.logits]
+    cache = out.past_key_values
+    for t in range(3, 6):
+        out = model(ids[1:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_type", MODEL_VARIANTS)
+def test_model_training_fast_path_equals_eager(attn_type):
+    """Loss and every parameter gradient agree between attn_implementation 'sdpa' and 'eager'."""
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    results = []
+    for impl in IMPLS:
+        torch.manual_seed(0)
+        model = GPT2AccelForCausalLM(
+            GPT2AccelConfig(
+                vocab_size=128,
+                n_positions=64,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                attn_type=attn_type,
+                attn_implementation=impl,
+            )
+        ).train()
+        assert model.config._attn_implementation == impl
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append(
+            (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_attn_type_is_honoured_and_survives_save_and_load(tmp_path):
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for attn_type in MODEL_VARIANTS:
+        model = tiny_model(attn_type=attn_type)
+        logits[attn_type] = model(ids).logits
+        model.save_pretrained(tmp_path / attn_type)
+        loaded = GPT2AccelForCausalLM.from_pretrained(tmp_path / attn_type).eval()
+        assert loaded.config.attn_type == attn_type
+        torch.testing.assert_close(loaded(ids).logits, logits[attn_type])
+    # Same weights (seed 0), different attention: different predictions.
+    for a in MODEL_VARIANTS[1:]:
+        assert not torch.allclose(logits[a], logits["SM"], atol=1e-4)
+
+
+def test_switching_attn_type_of_a_checkpoint(tmp_path):
+    """The fork's conversion: load softmax weights into a GK model (from_pretrained with attn_type=...)."""
+    tiny_model(attn_type="SM").save_pretrained(tmp_path)
+    model = GPT2AccelForCausalLM.from_pretrained(tmp_path, attn_type="GK")
+    assert model.config.attn_type == "GK"
+    assert model.transformer.h[0].attn.attn_type == "GK"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_attention_recipes_load(path):
+    recipe = load_recipe(path)
+    assert recipe.model.attn_type is not None
+    assert recipe.data.dataset_name == "bundled:shakespeare"
+
+
+def test_recipes_exist():
+    names = {p.stem for p in RECIPES}
+    assert {"fork_1layer_1head", "gk_from_gpt2", "gk_scratch", "gkpoly_finetune", "pa_relu"} <= names

@@ -1,0 +1,277 @@
+"""The training engine end to end: the demo through `accelerate launch`, exact resume after SIGKILL, preemption by
+SIGTERM, the non-finite guard, incompatible resumes, and the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2_accel.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "demo.yaml"
+# The demo recipe shrunk to seconds: 2 layers, 64 wide, 64-token windows, GPT-2 BPE on the bundled Shakespeare.
+TINY = [
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=64",
+    "--n_positions=64",
+    "--per_device_train_batch_size=4",
+    "--per_device_eval_batch_size=8",
+    "--max_eval_samples=16",
+    "--dataloader_num_workers=0",
+    "--warmup_steps=2",
+]
+TIMEOUT = 240  # every launched process gets one: a rare gloo exit hang was seen
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+    )
+    return env
+
+
+def _launch_cmd(*args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+        "--num_processes", "1", "-m", "gpt2_accel.train", str(DEMO), *TINY, *args,
+    ]  # fmt: skip
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, **kw)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in _metrics(run) if "loss" in r]
+
+
+def test_demo_recipe_through_accelerate_launch(tmp_path):
+    run = tmp_path / "demo"
+    proc = _run(
+        _launch_cmd(
+            f"--output_dir={run}", "--max_steps=40", "--logging_steps=5", "--eval_steps=20", "--save_steps=20"
+        )
+    )
+    assert "distributed_type=" in proc.stderr + proc.stdout  # the launch mode is logged
+    # a Hugging Face model directory at the root of the run
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "recipe.yaml",
+                 "metrics.jsonl", "loss_curve.png", "modeling_gpt2_accel.py"):  # fmt: skip
+        assert (run / name).is_file(), name
+    rows = _metrics(run)
+    train = [r for r in rows if "loss" in r]
+    assert all({"step", "loss", "lr", "tokens"} <= r.keys() for r in train)
+    assert any("val_loss" in r for r in rows)
+    # the loss goes down on real text: from ~ln(50257) = 10.8 at init
+    assert train[0]["loss"] > 9.0 and train[-1]["loss"] < train[0]["loss"] - 2.0, train
+    # the resolved recipe is saved and loads back as the same run
+    resolved = load_recipe(run / "recipe.yaml")
+    assert resolved.training.max_steps == 40 and resolved.model.n_layer == 2
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import gpt2_accel  # noqa: F401  (registers the Auto classes)
+
+    model = AutoModelForCausalLM.from_pretrained(run).eval()
+    tok = AutoTokenizer.from_pretrained(run)
+    assert len(tok) == 50257 and tok("Hello world")["input_ids"] == [15496, 995]
+    ids = tok("ROMEO:", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 12
+    assert isinstance(tok.decode(out[0]), str)
+
+
+def test_gpt2_accel_train_cli_is_the_same_entry_point(tmp_path):
+    run = tmp_path / "cli"
+    _run(["gpt2-accel" if _has_console_script() else sys.executable, *([] if _has_console_script() else ["-m", "gpt2_accel"]),
+          "train", str(DEMO), *TINY, f"--output_dir={run}", "--max_steps=3", "--eval_steps=0", "--save_steps=0"])  # fmt: skip
+    assert (run / "model.safetensors").is_file()
+    assert [r["step"] for r in _metrics(run) if "loss" in r][-1] == 3
+
+
+def _has_console_script() -> bool:
+    import shutil
+
+    return shutil.which("gpt2-accel") is not None
+
+
+def test_unknown_key_fails_before_anything_heavy(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt2_accel.train", str(DEMO), "--learnig_rate=1e-3", f"--output_dir={tmp_path / 'x'}"],
+        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "unknown recipe key 'learnig_rate'" in proc.stderr and "'learning_rate'" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (run / "metrics.jsonl").exists() and any(
+            r.get("step", 0) >= step for r in _metrics(run) if "loss" in r
+        ):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+RESUME_ARGS = [
+    "--max_steps=12",
+    "--logging_steps=1",
+    "--save_steps=3",
+    "--eval_steps=6",
+    "--save_total_limit=2",
+]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    _run(_launch_cmd(f"--output_dir={ref}", *RESUME_ARGS))
+
+    proc = subprocess.Popen(_launch_cmd(f"--output_dir={killed}", *RESUME_ARGS), env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        _wait_for_step(killed, 7, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: accelerate's launcher and the worker
+        proc.wait(timeout=30)
+    assert not (killed / "model.safetensors").exists()  # it really died mid-run
+    _run(_launch_cmd(f"--output_dir={killed}", *RESUME_ARGS))  # the same command resumes
+    _run(_launch_cmd(f"--output_dir={killed}", *RESUME_ARGS))  # resuming a finished run changes nothing
+
+    assert _train_losses(killed) == _train_losses(ref)  # every step, bitwise (JSON keeps the float exactly)
+    assert [r["step"] for r in _metrics(killed) if "loss" in r] == list(range(1, 13))
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # retention kept the newest two complete checkpoints (+ the best by val loss)
+    kept = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert "step_00000012" in kept and len(kept) <= 3
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "pre"
+    args = ["--max_steps=10", "--logging_steps=1", "--save_steps=100", "--eval_steps=0"]
+    _run(_launch_cmd(f"--output_dir={ref}", *args))
+    # The training process itself (what `gpt2-accel train` runs, and what each rank of `accelerate launch` runs).
+    # Accelerate's single-process launcher has no signal handler: it dies with the signal while its worker saves.
+    cmd = [sys.executable, "-m", "gpt2_accel.train", str(DEMO), *TINY, f"--output_dir={run}", *args]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    _wait_for_step(run, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # what a spot-instance preemption or `scancel` sends
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err[-3000:]
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    assert ckpts and (ckpts[-1] / "COMPLETE").is_file()
+    stopped_at = int(ckpts[-1].name.split("_")[1])
+    assert 3 <= stopped_at < 10
+    _run(_launch_cmd(f"--output_dir={run}", *args))
+    assert _train_losses(run) == _train_losses(ref)
+
+
+def _api_trainer(tmp_path, **keys):
+    from gpt2_accel.trainer import Trainer
+
+    base = dict(
+        n_layer=2, n_head=2, n_embd=32, n_positions=32, per_device_train_batch_size=2, per_device_eval_batch_size=4,
+        max_eval_samples=4, dataloader_num_workers=0, warmup_steps=1, logging_steps=1, eval_steps=0, save_steps=0,
+        max_steps=4, output_dir=str(tmp_path / "api"),
+    )  # fmt: skip
+    base.update(keys)
+    return Trainer(**base)
+
+
+class _NaNOnce:
+    """A callback that makes the forward pass return NaN at one step (a corrupted batch, a bad kernel...)."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_begin(self, trainer):
+        def hook(module, args, output):
+            return output * float("nan") if trainer.state.step == self.at_step else output
+
+        trainer.model.transformer.ln_f.register_forward_hook(hook)
+
+    def __getattr__(self, name):  # the other hooks: no-ops
+        return lambda *a, **k: None
+
+
+def test_python_api_train_evaluate_and_callbacks(tmp_path):
+    logs = []
+
+    class Collect:
+        def on_log(self, trainer, entry):
+            logs.append(entry)
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    trainer = _api_trainer(tmp_path)
+    trainer.callbacks.append(Collect())
+    final = trainer.train()
+    assert final["step"] == 4 and "val_loss" in final
+    assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
+    again = trainer.evaluate()
+    assert again["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+
+
+def test_nonfinite_loss_stops_with_the_step_named(tmp_path):
+    from gpt2_accel.trainer import NonFiniteLossError
+
+    trainer = _api_trainer(tmp_path)
+    trainer.callbacks.append(_NaNOnce(at_step=2))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step 3.*on_nonfinite=skip"):
+        trainer.train()
+
+
+def test_nonfinite_loss_skip_policy_counts_and_keeps_weights_finite(tmp_path):
+    trainer = _api_trainer(tmp_path, on_nonfinite="skip")
+    trainer.callbacks.append(_NaNOnce(at_step=2))
+    trainer.train()
+    assert trainer.state.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_resume_with_incompatible_recipe_is_refused(tmp_path):
+    _api_trainer(tmp_path, max_steps=2, save_steps=2).train()
+    with pytest.raises(
+        RecipeError, match=r"cannot resume .* n_embd: checkpoint 32 != recipe 64.*allow_recipe_change"
+    ):
+        _api_trainer(tmp_path, max_steps=4, n_embd=64).train()
+    # extending the run (max_steps) is allowed and continues from the checkpoint
+    t = _api_trainer(tmp_path, max_steps=4)
+    t.train()
+    assert t.state.step == 4
+
+
+def test_init_from_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(RecipeError, match=r"init_from='resume' but .* has no complete checkpoint"):
+        _api_trainer(tmp_path, init_from="resume").train()
