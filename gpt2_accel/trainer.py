@@ -145,7 +145,12 @@ class Trainer:
                 f"vocab_size is {cfg.vocab_size}; set vocab_size >= {self.tokenizer.vocab_size} or change tokenizer_name"
             )
         if t.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            # transformers >= 5.2x renamed it; keep working on both
+            enable = (
+                getattr(self.model, "activation_checkpointing_enable", None)
+                or self.model.gradient_checkpointing_enable
+            )
+            enable()
 
         self.global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
         self.tokens_per_step = self.global_batch * self.block_size
@@ -331,6 +336,8 @@ class Trainer:
             logger.info("checkpoint committed: %s", final)
             for cb in self.callbacks:
                 cb.on_save(self, final)
+            if self.recipe.training.push_to_hub and self.recipe.training.hub_strategy != "end":
+                self._push(background=True, message=f"checkpoint at step {step}")
         acc.wait_for_everyone()
         return final
 
@@ -556,31 +563,46 @@ class Trainer:
                 },
             )
             if t.push_to_hub:
-                self._push()
+                self._push(background=False, message=f"final model after {self.state.step} steps")
         acc.wait_for_everyone()
 
-    def _push(self) -> None:
-        try:
-            from .hub import push_run
-        except ImportError:  # pragma: no cover
-            logger.error("push_to_hub is set but gpt2_accel.hub is unavailable")
-            return
+    def _push(self, *, background: bool, message: str) -> None:
+        """Push the run to the Hub (main process). A failure is logged, never raised: training is never lost to it.
+
+        Checkpoint pushes run in a background thread so the next steps do not wait on the network; the final push
+        first waits for them, so the repo ends with the final model.
+        """
+        import threading
+
+        from .hub import push_run
+
         t = self.recipe.training
-        try:
-            url = push_run(
-                self.output_dir,
-                t.hub_model_id or self.output_dir.name,
-                token=t.hub_token,
-                private=t.hub_private_repo,
-                include_checkpoints=t.hub_strategy == "checkpoint",
-            )
-            logger.info("pushed to %s", url)
-        except Exception as e:  # a failed push must never lose the run
-            logger.error(
-                "push to the Hub failed; the run is intact in %s. Retry with `gpt2-accel push`: %s",
-                self.output_dir,
-                e,
-            )
+
+        def push() -> None:
+            try:
+                repo_id = t.hub_model_id or _default_repo_id(self.output_dir, t.hub_token)
+                url = push_run(
+                    self.output_dir,
+                    repo_id,
+                    token=t.hub_token,
+                    private=t.hub_private_repo,
+                    include_checkpoints=t.hub_strategy == "checkpoint",
+                    commit_message=message,
+                )
+                logger.info("pushed to %s (%s)", url, message)
+            except Exception as e:  # HubPushError, network, auth: whatever it is, the run goes on
+                logger.error("push to the Hub failed; the run is intact in %s. Retry with `gpt2-accel push %s "
+                             "--repo-id ...`: %s", self.output_dir, self.output_dir, e)  # fmt: skip
+
+        previous = getattr(self, "_push_thread", None)
+        if previous is not None:
+            previous.join()  # one push at a time, in order
+        if background:
+            self._push_thread = threading.Thread(target=push, name="gpt2_accel-push", daemon=False)
+            self._push_thread.start()
+        else:
+            self._push_thread = None
+            push()
 
     # ------------------------------------------------------------------------------------------------------------
     # preemption
@@ -629,6 +651,13 @@ def load_pretrained_for_training(source: str, attn_implementation: str = "sdpa",
 
         return from_hf_gpt2(source, attn_implementation=attn_implementation, **overrides)
     return GPT2AccelForCausalLM.from_pretrained(source, attn_implementation=attn_implementation, **overrides)
+
+
+def _default_repo_id(output_dir: Path, token: str | None) -> str:
+    """``<your user name>/<output_dir name>``, as transformers' Trainer does when hub_model_id is not set."""
+    from huggingface_hub import HfApi
+
+    return f"{HfApi(token=token).whoami()['name']}/{Path(output_dir).name}"
 
 
 def _hardware(device: torch.device) -> str:
