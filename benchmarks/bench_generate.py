@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {"kv-cache": [], "recompute": []}
     fns = {"kv-cache": generate_cached, "recompute": generate_recompute}
     for r in range(a.rounds):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
             t0 = time.perf_counter()
             out = fns[name](model, prompt, a.new)
             times[name].append(time.perf_counter() - t0)
@@ -96,15 +96,21 @@ def main(argv: list[str] | None = None) -> int:
                 out_c = out
             else:
                 out_r = out
-        print(f"round {r + 1}/{a.rounds} (load {os.getloadavg()[0]:.2f}): "
-              + "  ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()))
+        print(
+            f"round {r + 1}/{a.rounds} (load {os.getloadavg()[0]:.2f}): "
+            + "  ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items())
+        )
     same = torch.equal(out_c, out_r)
     n_tok = a.new * a.batch
     med = {n: statistics.median(t) for n, t in times.items()}
     ratios = [r_ / c_ for c_, r_ in zip(times["kv-cache"], times["recompute"], strict=True)]
     for n, t in times.items():
-        print(f"{n:<10} {n_tok / med[n]:8.1f} tokens/s  (median {med[n]:.2f} s, min {min(t):.2f}, max {max(t):.2f})")
-    print(f"speed-up of the KV cache: {statistics.median(ratios):.1f}x (per-round {', '.join(f'{x:.1f}' for x in ratios)})")
+        print(
+            f"{n:<10} {n_tok / med[n]:8.1f} tokens/s  (median {med[n]:.2f} s, min {min(t):.2f}, max {max(t):.2f})"
+        )
+    print(
+        f"speed-up of the KV cache: {statistics.median(ratios):.1f}x (per-round {', '.join(f'{x:.1f}' for x in ratios)})"
+    )
     print(f"greedy tokens identical: {same}")
     return 0 if same else 1
 

@@ -22,7 +22,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -72,7 +71,9 @@ class BenchResult:
         if self.compile_s is not None:
             lines.append(f"torch.compile: first step took {self.compile_s:.1f} s (not timed)")
         if self.trace_path:
-            lines.append(f"profiler trace: {self.trace_path} (open in chrome://tracing or https://ui.perfetto.dev)")
+            lines.append(
+                f"profiler trace: {self.trace_path} (open in chrome://tracing or https://ui.perfetto.dev)"
+            )
         return "\n".join(lines)
 
 
@@ -114,7 +115,9 @@ def _real_batches(recipe: Recipe, block: int, device: torch.device):
         from .data import build_train_loader
         from .tokenization import get_tokenizer
     except ImportError as e:
-        raise RecipeError(f"--real-data needs gpt2_accel.data and gpt2_accel.tokenization ({e}); run without it") from e
+        raise RecipeError(
+            f"--real-data needs gpt2_accel.data and gpt2_accel.tokenization ({e}); run without it"
+        ) from e
     d, t = recipe.data, recipe.training
     tok = get_tokenizer(d.tokenizer_name)
     loader = build_train_loader(
@@ -161,8 +164,14 @@ def run_bench(
         raise RecipeError(f"--steps must be >= 1 and --warmup >= 0, got steps={steps}, warmup={warmup}")
     m, t = recipe.model, recipe.training
     if m.init_from != "scratch":
-        print(f"note: bench times a random-init model with the recipe's shape; init_from={m.init_from!r} is ignored")
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        print(
+            f"note: bench times a random-init model with the recipe's shape; init_from={m.init_from!r} is ignored"
+        )
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     torch.manual_seed(t.seed)
     block = recipe.data.block_size or m.n_positions
     vocab = m.vocab_size or GPT2_VOCAB
@@ -181,13 +190,21 @@ def run_bench(
         precision = "tf32"  # the trainer's rule: fp32 matmuls run on tensor cores when TF32 is allowed
     scaler = torch.amp.GradScaler("cuda") if t.fp16 else None
     ga = t.gradient_accumulation_steps
-    batches = _real_batches(recipe, block, dev) if real_data else _synthetic_batches(4, t.per_device_train_batch_size, block, vocab, dev, t.seed)
+    batches = (
+        _real_batches(recipe, block, dev)
+        if real_data
+        else _synthetic_batches(4, t.per_device_train_batch_size, block, vocab, dev, t.seed)
+    )
 
     def step() -> torch.Tensor:
         loss_sum = torch.zeros((), device=dev)
         for _ in range(ga):
             batch = next(batches)  # (B, T + 1)
-            ctx = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+            ctx = (
+                torch.autocast(dev.type, dtype=amp_dtype)
+                if amp_dtype is not None
+                else contextlib.nullcontext()
+            )
             with ctx:
                 loss = fwd(input_ids=batch[:, :-1], shift_labels=batch[:, 1:], use_cache=False).loss / ga
             (scaler.scale(loss) if scaler else loss).backward()
@@ -293,11 +310,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Time forward + backward + optimizer steps of a recipe's model and print ms/step, tokens/s, "
         "MFU and peak memory. Any other --key=value overrides a recipe key (e.g. --n_layer=6 --bf16=true).",
     )
-    parser.add_argument("recipe", help="YAML recipe (its model shape, batch, accumulation, bf16, torch_compile)")
+    parser.add_argument(
+        "recipe", help="YAML recipe (its model shape, batch, accumulation, bf16, torch_compile)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator; default 3)")
-    parser.add_argument("--real-data", action="store_true", help="feed the recipe's data through the real pipeline")
-    parser.add_argument("--profile", metavar="DIR", help="also profile 2 steps: DIR/trace.json (chrome trace)")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (compile, allocator; default 3)"
+    )
+    parser.add_argument(
+        "--real-data", action="store_true", help="feed the recipe's data through the real pipeline"
+    )
+    parser.add_argument(
+        "--profile", metavar="DIR", help="also profile 2 steps: DIR/trace.json (chrome trace)"
+    )
     parser.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda if available)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's choice")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")

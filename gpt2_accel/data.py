@@ -700,6 +700,10 @@ def _memmap_tokens(path: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 # the public loader
 # ---------------------------------------------------------------------------------------------------------------
+def _as_is(x):
+    return x
+
+
 class TrainLoader:
     """Infinite iterator of (batch_size, block_size + 1) int64 CPU batches with an exact, per-rank state."""
 
@@ -721,7 +725,11 @@ class TrainLoader:
             # depend on the worker count); tiktoken / tokenizers use several threads inside it.
             it = iter(
                 torch.utils.data.DataLoader(
-                    stream, batch_size=None, num_workers=workers, prefetch_factor=4, persistent_workers=False
+                    stream,
+                    batch_size=None,
+                    num_workers=workers,
+                    prefetch_factor=4,
+                    collate_fn=_as_is,  # the default would walk every int of the state dict
                 )
             )
         for batch, state in it:

@@ -92,11 +92,15 @@ class Trainer:
         self.output_dir = Path(t.output_dir)
         log_with = [x for x in t.report_to if x != "none"] or None
         mp = "bf16" if t.bf16 else "fp16" if t.fp16 else None  # None: the launch config decides
+        from .parallel import launch_request, wants_cpu
+
+        self.launch = launch_request()  # what accelerate launch / torchrun was asked for
         self.accelerator = acc = Accelerator(
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=mp,
             log_with=log_with,
             project_dir=str(self.output_dir),
+            cpu=wants_cpu(self.launch),  # multi-process gloo on CPU (see parallel.wants_cpu)
         )
         self._check_world(acc)
         self.is_main = acc.is_main_process
@@ -108,11 +112,12 @@ class Trainer:
             "launch: distributed_type=%s processes=%d machines=%s mixed_precision=%s device=%s",
             dist.value if hasattr(dist, "value") else dist,
             acc.num_processes,
-            os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("NNODES", "1")),
+            self.launch.num_machines or 1,
             acc.mixed_precision,
             acc.device,
         )
-        if dist == DistributedType.DEEPSPEED:
+        self._deepspeed = dist == DistributedType.DEEPSPEED
+        if self._deepspeed:
             # Our batch settings are the single source of truth; DeepSpeed needs them in its own config.
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = t.per_device_train_batch_size
@@ -120,8 +125,13 @@ class Trainer:
             ds["train_batch_size"] = (
                 t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
             )
-            if t.max_grad_norm > 0:
-                ds["gradient_clipping"] = t.max_grad_norm
+            # DeepSpeed clips inside its step (clip_grad_norm_ only reports the norm); 0 turns clipping off.
+            ds["gradient_clipping"] = t.max_grad_norm if t.max_grad_norm > 0 else 0.0
+            if t.on_nonfinite == "skip":
+                logger.warning(
+                    "on_nonfinite=skip cannot skip under DeepSpeed: it updates the weights inside backward, before "
+                    "the trainer sees the gradient norm; a non-finite step stops the run instead"
+                )
 
         resume_dir = self._find_resume_dir()
         set_seed(
@@ -179,13 +189,14 @@ class Trainer:
             world_size=acc.num_processes,
         )
 
+        # Counted before prepare: ZeRO-3 / FSDP leave each rank only its shard of every parameter.
+        n_params = sum(p.numel() for p in self.model.parameters()) - self.model.transformer.wpe.weight.numel()
         self.optimizer = build_optimizer(self.model, t, acc.device.type)
         model = self.model
         if t.torch_compile:
             model = torch.compile(model)
         self.model_engine, self.optimizer = acc.prepare(model, self.optimizer)
 
-        n_params = sum(p.numel() for p in self.model.parameters()) - self.model.transformer.wpe.weight.numel()
         self.flops_per_token = flops_per_token(n_params, cfg.n_layer, cfg.n_embd, self.block_size)
         precision = acc.mixed_precision if acc.mixed_precision in ("bf16", "fp16") else "fp32"
         if acc.device.type == "cuda" and precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
@@ -210,18 +221,16 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.output_dir / "recipe.yaml", self.recipe.to_yaml())
         if log_with:
-            acc.init_trackers(t.run_name or self.output_dir.name, config=self.recipe.flat())
+            # trackers take scalars only (tensorboard's hparams refuse None and lists)
+            hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in self.recipe.flat().items()}
+            acc.init_trackers(t.run_name or self.output_dir.name, config=hparams)
         self._built = True
 
     def _check_world(self, acc) -> None:
         """Refuse a launch whose world differs from what was asked: a silent fallback trains N separate models."""
-        asked = int(os.environ.get("WORLD_SIZE", "1"))
-        if acc.num_processes != asked:
-            raise RuntimeError(
-                f"the launch asked for {asked} processes (WORLD_SIZE) but Accelerate sees {acc.num_processes} "
-                f"(distributed_type={acc.distributed_type}). On CPU use accelerate_configs/cpu.yaml "
-                "(or ACCELERATE_USE_CPU=1) for multi-process gloo; check --num_processes and the launch config"
-            )
+        from .parallel import check_world
+
+        check_world(self.launch, acc.num_processes, acc.distributed_type)
 
     def _find_resume_dir(self) -> Path | None:
         t, m = self.recipe.training, self.recipe.model
@@ -349,6 +358,7 @@ class Trainer:
             directory.mkdir(parents=True, exist_ok=True)
             model = acc.unwrap_model(self.model_engine)
             model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+            _check_full_state_dict(state_dict, self.model)
             model.config.use_cache = True  # for the people who load it to generate
             model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
             model.config.use_cache = False
@@ -443,6 +453,8 @@ class Trainer:
                         grad_norm = acc.clip_grad_norm_(
                             params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                         )
+                        if grad_norm is not None and not isinstance(grad_norm, torch.Tensor):
+                            grad_norm = torch.tensor(float(grad_norm))  # DeepSpeed reports a float
                         # One host sync per step: the guard must run before the update.
                         finite = torch.isfinite(step_loss) & (
                             torch.isfinite(grad_norm)
@@ -450,7 +462,7 @@ class Trainer:
                             else torch.tensor(True)
                         )
                         if not bool(finite):
-                            self._nonfinite(step, step_loss, grad_norm)
+                            self._nonfinite(step, step_loss, grad_norm, applied=self._deepspeed)
                             opt.zero_grad(set_to_none=True)
                             continue
                         opt.step()
@@ -531,8 +543,14 @@ class Trainer:
         self.accelerator.end_training()
         return final
 
-    def _nonfinite(self, step: int, loss: torch.Tensor, grad_norm) -> None:
-        msg = f"non-finite loss or gradient at step {step + 1}: loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}"
+    def _nonfinite(self, step: int, loss: torch.Tensor, grad_norm, applied: bool = False) -> None:
+        gn = float(grad_norm) if grad_norm is not None else float("nan")
+        msg = f"non-finite loss or gradient at step {step + 1}: loss={float(loss):.4g}, grad_norm={gn:.4g}"
+        if applied:  # DeepSpeed already stepped inside backward: the weights are poisoned, skipping cannot help
+            raise NonFiniteLossError(
+                msg + ". Under DeepSpeed the update was already applied; resume from the last checkpoint with a "
+                "lower learning_rate or check the data"
+            )
         if self.recipe.training.on_nonfinite == "error":
             raise NonFiniteLossError(
                 msg + ". Lower learning_rate, check the data, or set on_nonfinite=skip to skip such steps"
@@ -651,6 +669,22 @@ def load_pretrained_for_training(source: str, attn_implementation: str = "sdpa",
 
         return from_hf_gpt2(source, attn_implementation=attn_implementation, **overrides)
     return GPT2AccelForCausalLM.from_pretrained(source, attn_implementation=attn_implementation, **overrides)
+
+
+def _check_full_state_dict(state_dict: dict[str, torch.Tensor], model) -> None:
+    """Refuse to export a partial state dict (a ZeRO-3 / FSDP shard instead of the gathered weights)."""
+    from .parallel import expected_shapes
+
+    shapes = expected_shapes(model.config)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = sorted(k for k in shapes if k not in state_dict and k not in tied)
+    wrong = sorted(k for k, v in state_dict.items() if k in shapes and tuple(v.shape) != shapes[k])
+    if missing or wrong:
+        raise RuntimeError(
+            f"the model export is incomplete: missing {missing[:5]}, wrong shapes (sharded?) {wrong[:5]}. Under "
+            "ZeRO-3 set stage3_gather_16bit_weights_on_model_save: true (accelerate_configs/deepspeed_zero3.yaml); "
+            "under FSDP use fsdp_state_dict_type SHARDED_STATE_DICT with Accelerate's get_state_dict"
+        )
 
 
 def _default_repo_id(output_dir: Path, token: str | None) -> str:

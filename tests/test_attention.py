@@ -184,17 +184,31 @@ def test_gk_far_keys_underflow_to_zero_without_nan():
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("attn_type", ["GKpoly-8", "PA_square"])
-def test_overflowing_weight_at_a_future_key_does_not_poison_gradients(attn_type, impl):
-    """A future key whose weight overflows (GKpoly far outside its range, square of a huge score) is masked
-    before the weight function, so outputs and gradients of earlier positions stay finite and exact."""
-    q, k, v = make_qkv(t=24)
-    with torch.no_grad():
-        k[..., 12:, :] = 1e3 * torch.sign(q[..., 12:, :])  # (1 + x/256)^256 and (q.k)^2 overflow fp32
-    y = causal_attention(q, k, v, attn_type, N_POSITIONS, implementation=impl)
-    y[..., :12, :].sum().backward()
-    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
-    ref = reference(q, k, v, attn_type, causal(24, 24))
-    assert rel_err(y[..., :12, :], ref[..., :12, :]) <= 1e-4
+def test_overflowing_weight_at_a_masked_key_does_not_poison_gradients(attn_type, impl):
+    """Weights that would overflow at masked / future keys (GKpoly far outside its range, the square of a huge
+    score) are masked before the weight function: outputs and gradients stay finite and exact."""
+    t, half = 24, 12
+    q, k, v = (x.detach() for x in make_qkv(t=t))
+    seg = torch.arange(t) >= half  # two packed documents: positions 0..11 and 12..23
+    mask = causal(t, t) & (seg[:, None] == seg[None, :])  # (T, T) causal and same document
+    if attn_type.startswith("GKpoly"):
+        # Document 2 sits 30 away in every coordinate: x ~ -1800 across documents, (1 - 1800/256)^256 = inf.
+        q[..., half:, :] += 30.0
+        k[..., half:, :] += 30.0
+    else:
+        # Document 1's queries live in dims 0..7, document 2's in dims 8..15; document 2's keys are huge in dims
+        # 0..7, so only (masked) cross-document scores overflow when squared.
+        q[..., :half, 8:] = 0.0
+        q[..., half:, :8] = 0.0
+        k[..., half:, :8] = 1e30
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    y = causal_attention(q, k, v, attn_type, N_POSITIONS, attention_mask=mask, implementation=impl)
+    y.sum().backward()
+    assert torch.isfinite(y).all()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+    ref = reference(q, k, v, attn_type, mask)
+    assert rel_err(y[..., :half, :], ref[..., :half, :]) <= 1e-4
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -226,14 +240,23 @@ def test_pa_constant_is_one_over_n_positions():
         torch.testing.assert_close(y.flatten(), torch.arange(1.0, t + 1) / 32)
 
 
-def test_dropout_training_path_runs_and_is_exact_without_dropout():
-    """GK with dropout takes the blocked path (dropout would hit the sentinel); p > 0 changes the output."""
+@pytest.mark.parametrize("attn_type", ["GK", "GKpoly-2", "PA_relu"])
+def test_dropout_backward_uses_the_forward_dropout_mask(attn_type):
+    """With dropout (GK then takes the blocked path: dropout would hit its sentinel), the blocks recomputed in
+    backward must drop the same weights as the forward. y is linear in v, so with the same seed
+    <g, y(v + dv)> - <g, y(v)> must equal <grad_v, dv> exactly when the masks agree."""
     q, k, v = make_qkv()
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    dv = torch.randn(v.shape, generator=torch.Generator().manual_seed(4))
     torch.manual_seed(0)
-    y = causal_attention(q, k, v, "GK", N_POSITIONS, dropout_p=0.5)
-    y.sum().backward()
-    ref = reference(q, k, v, "GK", causal(40, 40))
-    assert torch.isfinite(q.grad).all() and not torch.allclose(y.double(), ref)
+    y = causal_attention(q, k, v, attn_type, N_POSITIONS, dropout_p=0.3)
+    (y * g).sum().backward()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        y2 = causal_attention(q, k, v + dv, attn_type, N_POSITIONS, dropout_p=0.3)
+    no_drop = causal_attention(q, k, v, attn_type, N_POSITIONS).detach()
+    assert not torch.allclose(y.detach(), no_drop)  # dropout did act
+    torch.testing.assert_close(((y2 - y.detach()) * g).sum(), (v.grad * dv).sum(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("attn_type", ["GK", "GKpoly-2"])

@@ -1,0 +1,256 @@
+"""Distributed set-up checks and FSDP2 helpers.
+
+- :func:`launch_request` / :func:`check_world`: what ``accelerate launch`` (or torchrun) was asked for, compared with
+  the world Accelerate actually built. A launch that silently falls back (``--cpu --num_processes 2`` runs ONE
+  process; an FSDP config on a machine without GPUs runs DDP) would train N independent models that all write as
+  rank 0, so the trainer refuses it with :class:`DistributedSetupError`.
+- :func:`apply_fsdp`, :func:`save_sharded`, :func:`load_sharded`, :func:`full_state_dict`,
+  :func:`consolidate_checkpoint`: torch's FSDP2 (``fully_shard``) with our wrap policy (one unit per
+  ``GPT2AccelBlock`` + the root, which owns the tied ``wte``/``lm_head``), sharded checkpoints through
+  ``torch.distributed.checkpoint`` (DCP: resharded on load, so a checkpoint of N ranks loads on M), and the
+  consolidated full state dict a Hugging Face export needs. Accelerate's FSDP plugin (accelerate_configs/fsdp.yaml)
+  does the same on GPUs; these functions let the tests exercise those code paths on CPU over gloo, and serve
+  scripts that use FSDP2 without Accelerate.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class DistributedSetupError(RuntimeError):
+    """The world Accelerate built is not the one the launch asked for."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the launch asked for
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class LaunchRequest:
+    """The parts of a launch that decide the world: total processes, machines, and the parallelism kind."""
+
+    num_processes: int | None = None  # total over all machines, as `accelerate launch --num_processes` counts
+    num_machines: int | None = None
+    mode: str | None = None  # "cpu" (one process: --cpu), "deepspeed", "fsdp", "multi" (DDP), or None: unknown
+    use_cpu: bool = False  # the config's use_cpu / --cpu: train on CPU over gloo even if GPUs exist
+    source: str = ""  # where it was read from, for error messages
+
+
+def _parent_cmdline() -> list[str] | None:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:  # not Linux, or no permission: fall back to the environment alone
+        return None
+
+
+def _accelerate_args(cmdline: list[str]) -> list[str] | None:
+    """The arguments of an ``accelerate launch`` command line (``accelerate launch ...`` or ``-m ...launch``)."""
+    for i, arg in enumerate(cmdline):
+        if arg == "accelerate.commands.launch" or (
+            arg == "launch" and i > 0 and os.path.basename(cmdline[i - 1]).startswith("accelerate")
+        ):
+            return cmdline[i + 1 :]
+    return None
+
+
+def parse_accelerate_launch(args: list[str]) -> LaunchRequest:
+    """A :class:`LaunchRequest` from ``accelerate launch`` arguments and the config file they name (or default)."""
+    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    ns, _ = launch_command_parser().parse_known_args(args)
+    cfg_file = ns.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
+    cfg: dict[str, Any] = {}
+    if cfg_file is not None and os.path.isfile(cfg_file):
+        cfg = load_config_from_file(cfg_file).to_dict()
+    dist = str(cfg.get("distributed_type", "")).split(".")[-1].upper()
+    n = ns.num_processes if ns.num_processes is not None else cfg.get("num_processes")
+    machines = ns.num_machines if ns.num_machines is not None else cfg.get("num_machines")
+    if ns.cpu:  # accelerate's launcher then starts ONE process whatever --num_processes says
+        mode = "cpu"
+    elif ns.use_deepspeed or dist == "DEEPSPEED":
+        mode = "deepspeed"
+    elif ns.use_fsdp or dist == "FSDP":
+        mode = "fsdp"
+    elif ns.multi_gpu or dist.startswith("MULTI_"):
+        mode = "multi"
+    else:
+        mode = None
+    return LaunchRequest(
+        num_processes=int(n) if n is not None and int(n) > 0 else None,
+        num_machines=int(machines) if machines else None,
+        mode=mode,
+        use_cpu=bool(ns.cpu or cfg.get("use_cpu", False)),
+        source="accelerate launch " + shlex.join(args[:12]) + (" ..." if len(args) > 12 else ""),
+    )
+
+
+def launch_request() -> LaunchRequest:
+    """What this process was launched for: ``accelerate launch`` arguments (read from the parent process, which
+    is the launcher for single-node launches) completed by the environment torchrun/Accelerate set."""
+    args = _accelerate_args(_parent_cmdline() or [])
+    req = parse_accelerate_launch(args) if args is not None else LaunchRequest(source="environment")
+    if "WORLD_SIZE" in os.environ and req.mode != "cpu":
+        req.num_processes = int(os.environ["WORLD_SIZE"])
+    env = {k: os.environ.get(k, "").lower() in ("1", "true", "yes") for k in
+           ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_CPU")}  # fmt: skip
+    if env["ACCELERATE_USE_DEEPSPEED"]:
+        req.mode = "deepspeed"
+    elif env["ACCELERATE_USE_FSDP"]:
+        req.mode = "fsdp"
+    req.use_cpu = req.use_cpu or env["ACCELERATE_USE_CPU"]
+    if req.num_machines is None and "GROUP_WORLD_SIZE" in os.environ:  # torchrun's number of nodes
+        req.num_machines = int(os.environ["GROUP_WORLD_SIZE"])
+    return req
+
+
+def check_world(req: LaunchRequest, num_processes: int, distributed_type: str) -> None:
+    """Raise :class:`DistributedSetupError` unless Accelerate's world is the one ``req`` asked for."""
+    dist = str(distributed_type).split(".")[-1].upper()
+    asked = req.num_processes or 1
+    where = f" (asked by: {req.source})" if req.source else ""
+    if req.mode == "cpu" and (req.num_processes or 1) > 1:
+        raise DistributedSetupError(
+            f"`accelerate launch --cpu --num_processes {req.num_processes}` starts ONE process (Accelerate's "
+            "simple launcher), which would train alone while believing it is one of many. For multi-process "
+            "training on CPU use `--config_file accelerate_configs/cpu.yaml --num_processes N` (no --cpu)"
+        )
+    if num_processes != asked:
+        raise DistributedSetupError(
+            f"the launch asked for {asked} process(es){where} but Accelerate built a world of {num_processes} "
+            f"(distributed_type={dist}): each process would train its own model. On CPU use "
+            "accelerate_configs/cpu.yaml; check --num_processes (the TOTAL over machines), --num_machines and "
+            "the launch config"
+        )
+    want = {"deepspeed": ("DEEPSPEED",), "fsdp": ("FSDP",)}.get(req.mode or "")
+    if want is not None and dist not in want:
+        hint = (
+            "Accelerate's FSDP needs GPUs; on CPU test with accelerate_configs/cpu.yaml (DDP) or "
+            "gpt2_accel.parallel.apply_fsdp under torch.distributed"
+            if req.mode == "fsdp"
+            else "install deepspeed (pip install 'gpt2_accel[deepspeed]') and launch with a deepspeed_zero*.yaml"
+        )
+        raise DistributedSetupError(
+            f"the launch config asks for {want[0]} but Accelerate runs {dist}{where}. {hint}"
+        )
+    if want is None and num_processes > 1 and not dist.startswith("MULTI_"):
+        raise DistributedSetupError(
+            f"{num_processes} processes but distributed_type={dist}: the processes would not synchronise "
+            "gradients. Use accelerate_configs/ddp.yaml (GPUs) or cpu.yaml (CPU)"
+        )
+
+
+def wants_cpu(req: LaunchRequest) -> bool:
+    """Whether to build ``Accelerator(cpu=True)``: asked for (use_cpu, --cpu), or a multi-process DDP launch on a
+    machine without an accelerator. Accelerate's torchrun launcher does not pass the config's ``use_cpu`` on, and
+    without ``cpu=True`` Accelerate sees no GPU and quietly builds a one-process world. DeepSpeed must NOT get it:
+    it runs on CPU over gloo by itself (``cpu=True`` would turn it off)."""
+    if req.mode == "deepspeed":
+        return False
+    accel = getattr(torch, "accelerator", None)
+    has_accel = accel.is_available() if accel is not None else torch.cuda.is_available()
+    return req.use_cpu or ((req.num_processes or 1) > 1 and not has_accel)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2
+# ---------------------------------------------------------------------------------------------------------------
+def apply_fsdp(model: nn.Module, mesh=None, *, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
+    """Shard ``model`` in place with FSDP2: one ``fully_shard`` unit per ``GPT2AccelBlock``, then the root.
+
+    The per-block units are accelerate_configs/fsdp.yaml's TRANSFORMER_BASED_WRAP on GPT2AccelBlock: a block's
+    parameters are gathered just before its forward and freed after, so peak memory holds one block at a time.
+    The root unit keeps ``wte``, ``wpe``, ``ln_f`` and ``lm_head``; the tied ``lm_head``/``wte`` weight must stay in
+    ONE unit (wrapping the embedding alone would shard the same Parameter twice).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
+    for block in model.transformer.h:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def save_sharded(directory: str | os.PathLike, model: nn.Module, optimizer=None) -> None:
+    """Each rank writes its own shards of the model (and optimizer) with DCP. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer or [])
+    state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def load_sharded(directory: str | os.PathLike, model: nn.Module, optimizer=None) -> None:
+    """Load a DCP checkpoint into ``model`` (and ``optimizer``) in place, resharding to this world. Collective.
+
+    The checkpoint may come from any number of ranks: DCP stores global shapes and offsets, and each rank reads
+    the pieces of its own shards.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer or [])
+    state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(
+        model, optimizer or [], model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {})
+    )
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The consolidated, unsharded model state on CPU (rank 0 gets it; other ranks get {}). Collective.
+
+    The tied ``lm_head.weight`` comes back as the same values as ``transformer.wte.weight``; ``save_pretrained``
+    drops the duplicate and ``from_pretrained`` re-ties it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def consolidate_checkpoint(directory: str | os.PathLike, key: str = "model") -> dict[str, torch.Tensor]:
+    """Read a DCP checkpoint's full ``key`` state in ONE process, no process group (e.g. to export it offline)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(directory), str(path))
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    return state[key] if key in state else state
+
+
+def export_full_model(model_config, state_dict: dict[str, torch.Tensor], directory: str | os.PathLike) -> None:
+    """Write a consolidated state dict as a single-process-loadable Hugging Face model directory (safetensors)."""
+    from .modeling_gpt2_accel import GPT2AccelForCausalLM
+
+    with torch.device("meta"):
+        model = GPT2AccelForCausalLM(model_config)
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"the state dict lacks {missing}; it is not a complete GPT2AccelForCausalLM")
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every parameter name of a GPT2AccelForCausalLM of ``config`` with its full (unsharded) shape."""
+    from .modeling_gpt2_accel import GPT2AccelForCausalLM
+
+    with torch.device("meta"):
+        model = GPT2AccelForCausalLM(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
