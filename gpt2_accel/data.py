@@ -314,7 +314,7 @@ class _Source:
         while len(out) < n and not self.exhausted:
             got = self._read(n - len(out))
             if got is None:  # end of the data
-                if self._kept_in_epoch == 0:
+                if self._kept_in_epoch == 0 and self.wrap:  # training would loop forever on nothing
                     what = "" if self.holdout is None else f" after the {self.holdout[0]} hold-out"
                     raise ValueError(
                         f"dataset_name={self.spec.name!r} (split {self.split!r}, rank {self.rank} of {self.world}) "

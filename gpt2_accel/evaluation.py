@@ -480,6 +480,7 @@ def _parser() -> argparse.ArgumentParser:
         "--block_size", type=int, help="loss: window length (default: the recipe's, else the model's)"
     )
     p.add_argument("--text_column", help="column holding the text (default 'text')")
+    p.add_argument("--dataset_config_name", help="Hub dataset configuration, e.g. wikitext-103-raw-v1")
     p.add_argument(
         "--tokenizer", help="tokenizer name/dir (default: the model's own, 'gpt2' for OpenAI GPT-2)"
     )
@@ -579,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
             data.validation_split = args.split
         if args.text_column is not None:
             data.text_column = args.text_column
+        if args.dataset_config_name is not None:
+            data.dataset_config_name = args.dataset_config_name
         if data.validation_dataset_name is not None:
             source, split = data.validation_dataset_name, data.validation_split or data.train_split
         elif data.validation_split is not None:

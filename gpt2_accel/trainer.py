@@ -221,6 +221,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.output_dir / "recipe.yaml", self.recipe.to_yaml())
         if log_with:
+            os.environ.setdefault("WANDB_DIR", str(self.output_dir))  # wandb's files live with the run, not in cwd
             # trackers take scalars only (tensorboard's hparams refuse None and lists)
             hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in self.recipe.flat().items()}
             acc.init_trackers(t.run_name or self.output_dir.name, config=hparams)

@@ -148,6 +148,21 @@ def test_load_hellaswag_errors_name_the_fix(tmp_path):
         load_hellaswag(str(unlabeled))
 
 
+def test_load_hellaswag_from_an_unreachable_hub_says_to_use_the_file(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    # Offline mode makes the Hub fail at once instead of after network retries (this machine has no internet).
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        RuntimeError, match=r"could not load HellaSwag from the Hub dataset 'Rowan/hellaswag'.*"
+    ):
+        load_hellaswag("Rowan/hellaswag", max_examples=3)
+    with pytest.raises(RuntimeError, match=r"hellaswag_val\.jsonl once and pass the file path"):
+        load_hellaswag("Rowan/hellaswag", max_examples=3)
+
+
 def _hellaswag_reference(model, tokenizer, examples) -> list[dict]:
     """build-nanogpt's rule, written independently: per example and ending, a float64 forward of
     ctx + " " + ending; summed and mean loss over the ending tokens; argmin (first on ties)."""

@@ -275,3 +275,42 @@ def test_resume_with_incompatible_recipe_is_refused(tmp_path):
 def test_init_from_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(RecipeError, match=r"init_from='resume' but .* has no complete checkpoint"):
         _api_trainer(tmp_path, init_from="resume").train()
+
+
+def test_token_budget_sets_max_steps_and_mfu_is_reported(tmp_path):
+    # 2 windows x 32 tokens = 64 tokens per step; 200 tokens -> ceil(200 / 64) = 4 steps
+    t = _api_trainer(tmp_path, max_steps=1000, max_train_tokens=200)
+    final = t.train()
+    assert final["step"] == 4 and t.state.tokens_seen == 256
+    rows = [json.loads(x) for x in (tmp_path / "api" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert all(0 < r["mfu"] < 2 and r["tokens_per_sec"] > 0 and r["grad_norm"] > 0 for r in train)
+
+
+def test_gradient_checkpointing_trains_the_same(tmp_path):
+    a = _api_trainer(tmp_path / "a", max_steps=3)
+    a.train()
+    b = _api_trainer(tmp_path / "b", max_steps=3, gradient_checkpointing=True)
+    b.train()
+    la = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "a" / "api" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x
+    ]
+    lb = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "b" / "api" / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x
+    ]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_trackers_tensorboard_and_wandb_offline(tmp_path):
+    run = tmp_path / "trk"
+    _run(_launch_cmd(f"--output_dir={run}", "--max_steps=2", "--logging_steps=1", "--eval_steps=2",
+                     "--report_to=tensorboard,wandb", "--save_steps=0"))  # fmt: skip
+    assert list(run.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
+    assert list(run.rglob("*.wandb")) or list(Path(ROOT / "wandb").glob("offline-run-*")), (
+        "no offline wandb run"
+    )
