@@ -189,7 +189,9 @@ def _load_hellaswag_cached(source: str, max_examples: int | None, split: str) ->
                     ) from None
                 out.append(_normalize_hellaswag(raw, f"{source}:{lineno}"))
         return tuple(out)
-    if path.suffix in (".jsonl", ".json") or path.exists() or source.startswith((".", "/", "~")):
+    if path.is_dir():
+        raise IsADirectoryError(f"HellaSwag source {source!r} is a directory; pass the jsonl file inside it")
+    if path.suffix in (".jsonl", ".json") or source.startswith((".", "/", "~")):
         raise FileNotFoundError(
             f"HellaSwag file {source!r} not found; download the validation set from {HELLASWAG_URL} "
             "and pass its path, or pass a Hub dataset id such as 'Rowan/hellaswag'"
@@ -464,8 +466,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("loss", "hellaswag"), default="loss")
     p.add_argument(
         "--split",
-        help="split to evaluate (loss: default the recipe's validation split or held-out "
-        "part of train; hellaswag Hub datasets: 'validation')",
+        help="loss with --data: the split of that dataset to score (default 'train', the only split of local "
+        "files); loss from a recipe without --data: replaces validation_split; hellaswag from the Hub: default "
+        "'validation'",
     )
     p.add_argument(
         "--max_tokens",
@@ -536,6 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import DataArguments, RecipeError, load_recipe
 
     recipe = None
+    if args.recipe is not None and not args.recipe.endswith((".yaml", ".yml")):
+        # argparse takes the first bare word as the recipe, e.g. the value of "--init_from x recipe.yaml".
+        parser.error(
+            f"{args.recipe!r} is not a recipe file (.yaml); give the recipe first, overrides as --key=value"
+        )
     if args.recipe is not None:
         try:
             recipe = load_recipe(args.recipe, extra)

@@ -155,9 +155,20 @@ def wants_cpu(req: LaunchRequest) -> bool:
     it runs on CPU over gloo by itself (``cpu=True`` would turn it off)."""
     if req.mode == "deepspeed":
         return False
+    return req.use_cpu or ((req.num_processes or 1) > 1 and not _has_accelerator())
+
+
+def _has_accelerator() -> bool:
     accel = getattr(torch, "accelerator", None)
-    has_accel = accel.is_available() if accel is not None else torch.cuda.is_available()
-    return req.use_cpu or ((req.num_processes or 1) > 1 and not has_accel)
+    return accel.is_available() if accel is not None else torch.cuda.is_available()
+
+
+def process_group_backend(req: LaunchRequest) -> str | None:
+    """``"gloo"`` for DeepSpeed on a machine without an accelerator (Accelerate would otherwise start no process
+    group at all and train each rank alone); None (Accelerate's choice: nccl, gloo for cpu=True...) otherwise."""
+    if req.mode == "deepspeed" and (req.num_processes or 1) > 1 and not _has_accelerator():
+        return "gloo"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -92,10 +92,14 @@ class Trainer:
         self.output_dir = Path(t.output_dir)
         log_with = [x for x in t.report_to if x != "none"] or None
         mp = "bf16" if t.bf16 else "fp16" if t.fp16 else None  # None: the launch config decides
-        from .parallel import launch_request, wants_cpu
+        from accelerate.utils import InitProcessGroupKwargs
+
+        from .parallel import launch_request, process_group_backend, wants_cpu
 
         self.launch = launch_request()  # what accelerate launch / torchrun was asked for
+        backend = process_group_backend(self.launch)
         self.accelerator = acc = Accelerator(
+            kwargs_handlers=[InitProcessGroupKwargs(backend=backend)] if backend else None,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=mp,
             log_with=log_with,

@@ -275,9 +275,14 @@ def test_cli_hellaswag_writes_json_next_to_the_model_and_prints_a_table(bpe_mode
     assert "acc_norm" in table and f"{expected['acc_norm']:.6f}" in table
 
 
-def test_cli_errors_name_the_fix(model_dir, tmp_path):
+def test_cli_errors_name_the_fix(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--task", "hellaswag", "--data", str(FIXTURE)])  # no model
+    with pytest.raises(SystemExit):
+        main(
+            ["--init_from", str(model_dir), str(REPO / "recipes" / "eval_gpt2.yaml")]
+        )  # bare value taken as recipe
+    assert "is not a recipe file (.yaml)" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["--model", str(tmp_path / "nope"), "--task", "hellaswag", "--data", str(FIXTURE)])
     tiny = tmp_path / "tiny128"

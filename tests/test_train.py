@@ -314,3 +314,47 @@ def test_trackers_tensorboard_and_wandb_offline(tmp_path):
     assert list(run.rglob("*.wandb")) or list(Path(ROOT / "wandb").glob("offline-run-*")), (
         "no offline wandb run"
     )
+
+
+@pytest.mark.slow
+def test_push_to_hub_from_the_recipe_every_save(tmp_path):
+    """The trainer pushes each checkpoint's model and the final one, over HTTP, to the local Hub test server."""
+    from hub_server import HubTestServer
+
+    run = tmp_path / "pushed"
+    with HubTestServer() as hub:
+        env = _env()
+        env.update(
+            HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN=hub.token, HF_HOME=str(tmp_path / "hf")
+        )
+        env.pop("HF_HUB_OFFLINE")
+        cmd = _launch_cmd(f"--output_dir={run}", "--max_steps=4", "--save_steps=2", "--eval_steps=4",
+                          "--push_to_hub=true", "--hub_model_id=tester/tiny-demo", "--hub_strategy=every_save")  # fmt: skip
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        files = hub.files("tester/tiny-demo")
+        commits = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
+    assert {
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "modeling_gpt2_accel.py",
+        "tokenizer.json",
+    } <= set(files)
+    assert len(commits) >= 2  # the checkpoint at step 2, then the final model (step 4)
+    assert files["model.safetensors"] == (run / "model.safetensors").read_bytes()  # the final model won
+    assert b"tester/tiny-demo" in files["README.md"] or b"gpt2_accel" in files["README.md"]
+    assert hub.token.encode() not in b"".join(files.values())
+
+
+def test_a_failed_push_never_fails_training(tmp_path, monkeypatch, caplog):
+    import gpt2_accel.hub
+
+    def broken_push(*args, **kwargs):
+        raise gpt2_accel.hub.HubPushError("the Hub is unreachable (test)")
+
+    monkeypatch.setattr(gpt2_accel.hub, "push_run", broken_push)
+    t = _api_trainer(tmp_path, push_to_hub=True, hub_model_id="me/x", max_steps=2)
+    final = t.train()
+    assert final["step"] == 2 and (tmp_path / "api" / "model.safetensors").is_file()
+    assert "push to the Hub failed; the run is intact" in caplog.text
