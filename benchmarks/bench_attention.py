@@ -3,12 +3,12 @@
     python benchmarks/bench_attention.py            # B=4, 6 heads, T=1024, head 64 (the figures in docs/attention.md)
     python benchmarks/bench_attention.py --quick    # a small smoke run (seconds)
 
-Time: the fastest of ``--repeats`` calls after one warm-up (the minimum, not the median: on a shared machine
-other processes only ever add time), forward under ``torch.no_grad()`` and forward +
-backward (gradients of q, k, v from a fixed random upstream gradient). Peak memory: bytes the call itself
-allocates and still holds at its worst moment (the running sum of every CPU allocator allocation/free recorded
-by ``torch.profiler`` with ``profile_memory=True``, kernel scratch buffers included, inputs excluded), measured in
-a separate, untimed call.
+Time: the fastest of ``--repeats`` rounds after one warm-up, each round timing the fast and the naive call back
+to back (the minimum, not the median: on a shared machine other processes only ever add time), forward under
+``torch.no_grad()`` and forward + backward (gradients of q, k, v for an all-ones upstream gradient).
+Peak memory: bytes the call itself allocates and still holds at its worst moment (the running sum of every CPU
+allocator allocation/free recorded by ``torch.profiler`` with ``profile_memory=True``, kernel scratch buffers
+included, inputs excluded), measured in a separate, untimed call.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from gpt2_accel.attention import causal_attention
 
+IMPLS = ("sdpa", "eager")  # fast path, naive formula
 VARIANTS = ["SM", "GK", "GKpoly-2", "GKpoly-4", "PA_relu", "PA_gelu", "PA_sigmoid", "PA_relu_square"]
 
 
@@ -47,16 +48,19 @@ def _call(attn_type: str, impl: str, q, k, v, n_positions: int, backward: bool) 
             causal_attention(q, k, v, attn_type, n_positions, implementation=impl)
 
 
-def time_call(attn_type: str, impl: str, shape, backward: bool, repeats: int) -> float:
-    """Seconds per call: the minimum over ``repeats`` timed calls."""
-    q, k, v = _make_inputs(*shape, grad=backward)
-    _call(attn_type, impl, q, k, v, shape[2], backward)  # warm-up
-    times = []
+def time_pair(attn_type: str, shape, backward: bool, repeats: int) -> dict[str, float]:
+    """Seconds per call of the fast and the naive implementation: the minimum over ``repeats`` rounds, each round
+    timing both back to back so that a busy neighbour slows both rather than one of them."""
+    inputs = {impl: _make_inputs(*shape, grad=backward) for impl in IMPLS}
+    for impl in IMPLS:
+        _call(attn_type, impl, *inputs[impl], shape[2], backward)  # warm-up
+    best = dict.fromkeys(IMPLS, float("inf"))
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        _call(attn_type, impl, q, k, v, shape[2], backward)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for impl in IMPLS:
+            t0 = time.perf_counter()
+            _call(attn_type, impl, *inputs[impl], shape[2], backward)
+            best[impl] = min(best[impl], time.perf_counter() - t0)
+    return best
 
 
 def peak_bytes(attn_type: str, impl: str, shape, backward: bool) -> int:
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--head-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variants", nargs="*", default=VARIANTS)
     args = p.parse_args(argv)
     if args.quick:
@@ -104,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for at in args.variants:
-        tf = {impl: time_call(at, impl, shape, False, args.repeats) for impl in ("sdpa", "eager")}
-        tb = {impl: time_call(at, impl, shape, True, args.repeats) for impl in ("sdpa", "eager")}
-        mb = {impl: peak_bytes(at, impl, shape, True) / 2**20 for impl in ("sdpa", "eager")}
+        tf = time_pair(at, shape, False, args.repeats)
+        tb = time_pair(at, shape, True, args.repeats)
+        mb = {impl: peak_bytes(at, impl, shape, True) / 2**20 for impl in IMPLS}
         print(
             f"| {at} | {tf['sdpa'] * 1e3:.1f} ms | {tf['eager'] * 1e3:.1f} ms | {tf['eager'] / tf['sdpa']:.1f}x "
             f"| {tb['sdpa'] * 1e3:.1f} ms | {tb['eager'] * 1e3:.1f} ms | {tb['eager'] / tb['sdpa']:.1f}x "

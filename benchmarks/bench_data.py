@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,14 @@ def make_jsonl(path: Path, size_bytes: int, doc_chars: int = 4000) -> Path:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over exec from the parent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -114,6 +123,7 @@ def bench_shards(
 ) -> dict:
     from gpt2_accel.data import _TokenStream, prepare
 
+    shutil.rmtree(out, ignore_errors=True)  # time a fresh prepare, not a resume
     t0 = time.perf_counter()
     index = prepare([str(path)], str(out), shard_size=10_000_000, progress=False)
     prep_s = time.perf_counter() - t0
@@ -166,7 +176,8 @@ def main() -> int:
               f"after the full read {r['rss_after_full_read_mb']:.0f} MB, after the pipeline "
               f"{r['rss_after_pipeline_mb']:.0f} MB ({r['tokens_per_s'] / 1e6:.2f} M tokens/s)")  # fmt: skip
 
-    r = bench_shards(small, d / "prepared", batches=200 if a.quick else 2000)
+    prep_src = small if a.quick else make_jsonl(d / "docs_64MB.jsonl", 64 << 20)
+    r = bench_shards(prep_src, d / f"prepared_{prep_src.stem}", batches=200 if a.quick else 2000)
     print(f"prepare ({os.cpu_count()} procs): {r['prepare_tokens'] / 1e6:.1f} M tokens in {r['prepare_s']:.1f} s "
           f"= {r['prepare_tokens_per_s'] / 1e6:.2f} M tokens/s")  # fmt: skip
     print(f"shard reading (memmap, random windows of 1025, batch 16): {r['read_tokens_per_s'] / 1e6:.1f} M tokens/s "

@@ -140,6 +140,59 @@ def trainer_tokens_per_sec(cfg: dict, steps: int, threads: int) -> float:
     return statistics.median(r["tokens_per_sec"] for r in rows[1:] or rows)
 
 
+def components(cfg: dict, rounds: int) -> None:
+    """Forward + backward of single pieces at the config's shapes, interleaved pairs (ours vs an alternative):
+    the candidates for the differences between whole steps. Process CPU time per call, median over rounds."""
+    import torch.nn.functional as F
+    from transformers.activations import NewGELUActivation
+
+    B, T, d, V = cfg["B"], cfg["T"], cfg["d"], 50304  # the padded GPT-2 vocabulary even with --quick
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B * T, 4 * d, generator=g, requires_grad=True)  # MLP hidden (B*T, 4C)
+    logits_pad = torch.randn(B * T, V, generator=g, requires_grad=True)  # (B*T, 50304)
+    tgt = torch.randint(0, 50257, (B * T,), generator=g)
+    hf_gelu = NewGELUActivation()
+    x = torch.randn(B * T, d, generator=g, requires_grad=True)  # final hidden states (B*T, C)
+    w = (0.02 * torch.randn(V, d, generator=g)).requires_grad_()  # tied LM head / wte (V_pad, C)
+
+    def run(fn) -> float:
+        c0 = time.process_time()
+        fn().sum().backward()
+        return time.process_time() - c0
+
+    pairs = {
+        "GELU tanh: F.gelu (ours) | transformers NewGELUActivation (HF GPT-2)": (
+            lambda: F.gelu(h, approximate="tanh"),
+            lambda: hf_gelu(h),
+        ),
+        "loss at 50257 of 50304 padded logits: slice+reshape (ours) | mask pad columns to -inf": (
+            lambda: F.cross_entropy(logits_pad[:, :50257].reshape(-1, 50257), tgt),
+            lambda: F.cross_entropy(logits_pad.masked_fill(_pad_mask(V, 50257), float("-inf")), tgt),
+        ),
+        "LM head + loss at vocab 50257: 50304-row matmul, slice (ours) | matmul with the first 50257 rows": (
+            lambda: F.cross_entropy(F.linear(x, w)[:, :50257].reshape(-1, 50257), tgt),
+            lambda: F.cross_entropy(F.linear(x, w[:50257]), tgt),
+        ),
+        "loss: contiguous (B*T, 50304) logits | sliced (B*T, 50257) view": (
+            lambda: F.cross_entropy(logits_pad, tgt),
+            lambda: F.cross_entropy(logits_pad[:, :50257].reshape(-1, 50257), tgt),
+        ),
+    }
+    for name, (fa, fb) in pairs.items():
+        ta, tb = [], []
+        for _ in range(rounds):
+            ta.append(run(fa))
+            tb.append(run(fb))
+        ma, mb = statistics.median(ta), statistics.median(tb)
+        print(
+            f"{name}: {1e3 * ma:.1f} ms | {1e3 * mb:.1f} ms (cpu, fwd+bwd) -> first is {mb / ma:.2f}x faster"
+        )
+
+
+def _pad_mask(v_pad: int, v: int) -> torch.Tensor:
+    return torch.arange(v_pad) >= v  # (V_pad,) True on the padding columns
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
@@ -155,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "--trainer", type=int, default=0, metavar="STEPS", help="also time the Trainer for STEPS steps"
     )
     p.add_argument("--only", help="comma-separated variant names to run (e.g. ours,hf)")
+    p.add_argument("--components", action="store_true", help="only time single pieces (GELU, loss variants)")
     p.add_argument("--quick", action="store_true", help="tiny config, 2 rounds (a smoke test)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -162,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         cfg, a.rounds = {"L": 2, "H": 2, "d": 64, "T": 64, "B": 2, "vocab": 512}, 2
 
+    if a.components:
+        components(cfg, max(a.rounds, 5))
+        return 0
     torch.manual_seed(0)
     variants: dict[str, Callable] = {"hf": make_step(hf(cfg), "hf"), "ours": make_step(ours(cfg), "ours")}
     if a.ablate:

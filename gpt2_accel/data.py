@@ -502,6 +502,11 @@ class _HFSource(_Source):
 
 
 def _make_source(spec, data, split, rank, world, holdout, seed, wrap) -> _Source:
+    if spec.kind == "txt" and split != "train":
+        raise ValueError(
+            f"dataset_name={spec.name!r} is plain text, which has only a 'train' split, not {split!r}; use "
+            "validation_split_percentage or validation_dataset_name instead of validation_split/train_split"
+        )
     cls = _TextFileSource if spec.kind == "txt" else _HFSource
     src = cls(spec, data, split, rank, world, holdout, seed, wrap)
     return src
@@ -574,14 +579,8 @@ class _TextStream(torch.utils.data.IterableDataset):
     def __init__(self, specs, weights, data, tokenizer, block_size, batch_size, rank, world, seed, state):
         super().__init__()
         self.specs, self.weights, self.data, self.tok = specs, weights, data, tokenizer
-        self.T, self.B, self.rank, self.world, self.seed, self.state = (
-            block_size,
-            batch_size,
-            rank,
-            world,
-            seed,
-            state,
-        )
+        self.T, self.B, self.seed, self.state = block_size, batch_size, seed, state
+        self.rank, self.world = rank, world
 
     def _mixture(self) -> _Mixture:
         holdout = None
@@ -944,7 +943,10 @@ def build_eval_windows(
     if specs[0].kind == "tokens":
         rows, need = [], max_samples
         for f in specs[0].files:
-            wins = _windows(np.asarray(_memmap_tokens(f), dtype=np.int64), 0, block_size)[:need]
+            head = _memmap_tokens(f)[
+                : need * block_size + 1
+            ]  # only what the windows need, not the whole file
+            wins = _windows(np.asarray(head, dtype=np.int64), 0, block_size)
             rows.append(wins)
             need -= len(wins)
             if need <= 0:

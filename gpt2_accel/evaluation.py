@@ -96,7 +96,9 @@ def evaluate_loss(model, windows: torch.LongTensor, *, batch_size: int, accelera
     The summed loss and the token count are accumulated in float64 and summed over all processes (through
     ``accelerator.reduce`` or ``torch.distributed``), so every rank returns the same
     ``{"loss", "perplexity", "tokens"}`` and the result does not depend on the number of processes (to float32
-    rounding of the logits). Works with any model whose output has ``.logits``; the training mode is restored.
+    rounding of the logits). Works with any model whose output has ``.logits`` (DDP-wrapped too); the training
+    mode is restored. Collective: with an initialised process group, call it on every rank (never inside
+    ``if is_main_process``), or the ranks wait for each other forever.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -293,7 +295,8 @@ def score_hellaswag(
     given) and the counts are summed over all processes, so every rank returns the totals
     ``{"acc", "acc_norm", "n"}``. Without an accelerator or an initialised process group the counts are this
     rank's only. ``batch_size`` is in examples (4 rows each). ``return_details`` adds this rank's per-example
-    ``details``: ind, label, pred, pred_norm, sum_losses, mean_losses.
+    ``details``: ind, label, pred, pred_norm, sum_losses, mean_losses. Collective like :func:`evaluate_loss`:
+    with an initialised process group, call it on every rank.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -103,7 +103,9 @@ class DataArguments:
         "Shuffle streamed documents through a buffer of this size; 0 keeps resume exact (the buffer is not saved).",
     )
     dataloader_num_workers: int = _f(
-        1, "Background worker processes that tokenize and pack (0 = in the main process)."
+        1,
+        "0 = read/tokenize/pack in the training process; >= 1 = in one background worker process per rank "
+        "(order and resume state do not depend on it; the tokenizer's threads use the cores).",
     )
     max_eval_samples: int = _f(64, "Validation windows evaluated at each eval (the same ones every time).")
 

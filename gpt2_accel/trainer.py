@@ -316,6 +316,10 @@ class Trainer:
         acc.load_state(str(path / "state"))
         st = ckpt.read_json(path / "trainer_state.json")
         self.state = TrainerState(**st)
+        # load_state restores Accelerate's micro-step counter, which decides where accumulation syncs; a run that
+        # resumes with another gradient_accumulation_steps (e.g. 2 processes -> 1 process x 2 micro-batches) would
+        # otherwise sync in the middle of a step. Checkpoints are written at step boundaries: realign to one.
+        acc.step = self.state.step * self.recipe.training.gradient_accumulation_steps
         data_state = ckpt.read_json(path / "data_state.json")
         self.train_loader.load_state_dict(data_state["ranks"])
         self.metrics.truncate_after(self.state.step)
@@ -567,6 +571,7 @@ class Trainer:
         """Final model export at the run's root, the loss curve, run info; push if asked. Collective."""
         acc, t = self.accelerator, self.recipe.training
         self._export_model(self.output_dir)
+        checksums = self._replica_checksums()
         if self.is_main:
             plot_loss_curve(
                 self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png", self.output_dir.name
@@ -583,11 +588,27 @@ class Trainer:
                     "mixed_precision": acc.mixed_precision,
                     "hardware": _hardware(acc.device),
                     "skipped_steps": self.state.skipped_steps,
+                    "replica_checksums": checksums,
                 },
             )
             if t.push_to_hub:
                 self._push(background=False, message=f"final model after {self.state.step} steps")
         acc.wait_for_everyone()
+
+    def _replica_checksums(self) -> list[float] | None:
+        """Every rank's float64 sum of its model weights (DDP: must be equal, i.e. the replicas stayed in sync).
+        None under ZeRO-3 / FSDP, where each rank holds different shards. Collective."""
+        from accelerate.utils import DistributedType, gather_object
+
+        acc = self.accelerator
+        sharded = acc.distributed_type == DistributedType.FSDP or (
+            self._deepspeed and acc.state.deepspeed_plugin.zero_stage == 3
+        )
+        if sharded:
+            return None
+        with torch.no_grad():
+            total = sum(p.detach().double().sum().item() for p in self.model.parameters())
+        return gather_object([total]) if acc.num_processes > 1 else [total]
 
     def _push(self, *, background: bool, message: str) -> None:
         """Push the run to the Hub (main process). A failure is logged, never raised: training is never lost to it.

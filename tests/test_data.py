@@ -106,6 +106,12 @@ def test_text_file_is_one_document_split_in_paragraphs(tmp_path, tok):
     assert ids.count(eot) >= 2 and "\n\n" in tok.decode(ids)
 
 
+def test_not_streaming_gives_the_same_batches(tmp_path, tok):
+    path = _write_jsonl(tmp_path / "d.jsonl", _docs(50))
+    a, b = (_take(_loader(_args(path, streaming=s), tok), 12) for s in (True, False))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_bundled_shakespeare_and_mixture_weights(tmp_path, tok):
     a = _write_jsonl(tmp_path / "a.jsonl", ["alpha " * 5] * 50)
     b = _write_jsonl(tmp_path / "b.jsonl", ["omega " * 5] * 50)
@@ -167,6 +173,22 @@ def test_resume_is_exact_streaming(tmp_path, tok, workers):
     again += _take(resumed2, m - m // 2)
     for x, y in zip(full[k:], again, strict=True):
         assert torch.equal(x, y)
+
+
+def test_resume_is_exact_for_each_rank(tmp_path, tok):
+    args = _args(
+        [_write_jsonl(tmp_path / "a.jsonl", _docs(200)), "bundled:shakespeare"], validation_split_percentage=5
+    )
+    for rank in (0, 1):
+        full = _take(_loader(args, tok, rank=rank, world_size=2), 14)
+        first = _loader(args, tok, rank=rank, world_size=2)
+        _take(first, 9)
+        states = [None, None]
+        states[rank] = first.state_dict()
+        states[1 - rank] = states[rank] | {"rank": 1 - rank}  # the other rank's (unused) entry
+        resumed = _loader(args, tok, rank=rank, world_size=2)
+        resumed.load_state_dict(states)
+        assert all(torch.equal(x, y) for x, y in zip(full[9:], _take(resumed, 5), strict=True))
 
 
 def test_resume_streaming_other_world_size_is_a_clear_error(tmp_path, tok):
@@ -235,6 +257,8 @@ def test_prepare_then_shards_resume_across_world_sizes(tmp_path, tok):
         bad.load_state_dict(states)
     val = D.build_eval_windows(args, tok, block_size=T, max_samples=5, rank=0, world_size=1)
     assert val.shape == (5, T + 1)
+    with pytest.raises(ValueError, match=r"prepared with tokenizer 'gpt2'.*set tokenizer_name to 'gpt2'"):
+        _loader(args, get_tokenizer("char"))
 
 
 def test_prepare_resumes_after_interruption(tmp_path, tok):
@@ -296,6 +320,17 @@ def test_clear_errors(tmp_path, tok, monkeypatch):
 
     with pytest.raises(ValueError, match=r"vocab_size=100000.*uint16"):
         D.check_uint16(Big())
+    with pytest.raises(
+        ValueError, match=r"plain text, which has only a 'train' split.*validation_split_percentage"
+    ):
+        D.build_eval_windows(
+            _args("bundled:shakespeare", validation_split="validation"),
+            tok,
+            block_size=T,
+            max_samples=2,
+            rank=0,
+            world_size=1,
+        )
     with pytest.raises(ValueError, match="unknown bundled dataset"):
         _loader(_args("bundled:nope"), tok)
 

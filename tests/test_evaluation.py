@@ -275,6 +275,35 @@ def test_cli_hellaswag_writes_json_next_to_the_model_and_prints_a_table(bpe_mode
     assert "acc_norm" in table and f"{expected['acc_norm']:.6f}" in table
 
 
+def test_cli_scores_a_vanilla_transformers_gpt2_directory(tmp_path):
+    hf = tiny_hf_gpt2(
+        vocab_size=50257, n_positions=128, n_embd=32, n_head=2, bos_token_id=50256, eos_token_id=50256
+    )
+    hf.save_pretrained(
+        tmp_path / "hf_gpt2"
+    )  # a GPT2LMHeadModel dir without tokenizer files: GPT-2 BPE by default
+    out = tmp_path / "hs.json"
+    argv = [
+        "--model",
+        str(tmp_path / "hf_gpt2"),
+        "--task",
+        "hellaswag",
+        "--data",
+        str(FIXTURE),
+        "--output",
+        str(out),
+    ]
+    assert main([*argv, "--max_examples", "4"]) == 0
+    result = json.loads(out.read_text())
+    expected = score_hellaswag(hf, get_tokenizer("gpt2"), load_hellaswag(str(FIXTURE), 4))
+    assert (result["acc"], result["acc_norm"], result["n"], result["tokenizer"]) == (
+        expected["acc"],
+        expected["acc_norm"],
+        4,
+        "gpt2",
+    )
+
+
 def test_cli_errors_name_the_fix(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--task", "hellaswag", "--data", str(FIXTURE)])  # no model
