@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -14,6 +15,22 @@ COMMANDS = {
     "convert": ("gpt2_accel.convert", "convert between OpenAI/transformers GPT-2 and gpt2_accel"),
     "bench": ("gpt2_accel.bench", "time training steps of a recipe's model: ms/step, tokens/s, MFU, memory"),
 }
+
+
+def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let every ``--long_option`` also be written ``--long-option`` (and the reverse).
+
+    The recipe keys and transformers use underscores, while many CLIs use dashes; users type both.
+    """
+    for action in list(parser._actions):
+        for opt in list(action.option_strings):
+            if not opt.startswith("--"):
+                continue
+            body = opt[2:]
+            alt = "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+            if alt != opt and alt not in parser._option_string_actions:
+                parser._option_string_actions[alt] = action
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

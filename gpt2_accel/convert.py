@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="--from-hf only: pad the embedding rows (64 -> 50304 for GPT-2)",
     )
+    from .cli import accept_both_spellings
+
+    accept_both_spellings(parser)
     args = parser.parse_args(argv)
 
     output = Path(args.output)

@@ -1171,6 +1171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard (llm.c uses 1e8)")
     p.add_argument("--validation-split-percentage", type=float, default=5.0,
                    help="percent of documents held out (same hash rule as training) into val_*.bin")  # fmt: skip
+    from .cli import accept_both_spellings
+
+    accept_both_spellings(p)
     args = p.parse_args(argv)
     index = prepare(
         args.datasets,

@@ -537,7 +537,9 @@ def _print_table(result: dict, keys: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``gpt2-accel eval``: print a table and write a JSON of the results (main process only)."""
-    parser = _parser()
+    from .cli import accept_both_spellings
+
+    parser = accept_both_spellings(_parser())
     args, extra = parser.parse_known_args(argv)
     from .recipe import DataArguments, RecipeError, load_recipe
 

@@ -589,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only write RUN_DIR/README.md (the model card) and print its path; push nothing",
     )
+    from .cli import accept_both_spellings
+
+    accept_both_spellings(p)
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="print each sample when done instead of token by token",
     )
+    from .cli import accept_both_spellings
+
+    accept_both_spellings(p)
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1:
         p.error(f"--top_p must be in (0, 1], got {args.top_p}")
