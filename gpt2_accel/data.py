@@ -699,6 +699,15 @@ def _memmap_tokens(path: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 # the public loader
 # ---------------------------------------------------------------------------------------------------------------
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Preemption (SIGTERM/SIGINT to the whole process group) is the training process's to handle: it finishes the
+    step and checkpoints. A worker killed by the same signal would crash the run before it could save."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _as_is(x):
     return x
 
@@ -729,6 +738,7 @@ class TrainLoader:
                     num_workers=workers,
                     prefetch_factor=4,
                     collate_fn=_as_is,  # the default would walk every int of the state dict
+                    worker_init_fn=_ignore_stop_signals,
                 )
             )
         for batch, state in it:
