@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # Query rows per block in the blocked path (GKpoly, PA, GK with dropout): peak memory is
-# O(B * nh * BLOCK_SIZE * Tk) instead of O(B * nh * Tq * Tk). 256 was the fastest of 64..512 on CPU at T=1024
-# (benchmarks/bench_attention.py); smaller blocks only cost speed.
+# O(B * nh * BLOCK_SIZE * Tk) instead of O(B * nh * Tq * Tk). 256 rows keep each block's matmul large enough to
+# run near full speed while a T=1024 block stays at 1/4 of the full matrix; smaller blocks only cost speed.
 BLOCK_SIZE = 256
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -38,7 +38,9 @@ class LaunchRequest:
 
     num_processes: int | None = None  # total over all machines, as `accelerate launch --num_processes` counts
     num_machines: int | None = None
-    mode: str | None = None  # "cpu" (one process: --cpu), "deepspeed", "fsdp", "multi" (DDP), or None: unknown
+    mode: str | None = (
+        None  # "cpu" (one process: --cpu), "deepspeed", "fsdp", "multi" (DDP), or None: unknown
+    )
     use_cpu: bool = False  # the config's use_cpu / --cpu: train on CPU over gloo even if GPUs exist
     source: str = ""  # where it was read from, for error messages
 
@@ -174,7 +176,9 @@ def process_group_backend(req: LaunchRequest) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 # FSDP2
 # ---------------------------------------------------------------------------------------------------------------
-def apply_fsdp(model: nn.Module, mesh=None, *, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module, mesh=None, *, reshard_after_forward: bool = True, mp_policy=None
+) -> nn.Module:
     """Shard ``model`` in place with FSDP2: one ``fully_shard`` unit per ``GPT2AccelBlock``, then the root.
 
     The per-block units are accelerate_configs/fsdp.yaml's TRANSFORMER_BASED_WRAP on GPT2AccelBlock: a block's
@@ -241,10 +245,12 @@ def consolidate_checkpoint(directory: str | os.PathLike, key: str = "model") -> 
         path = Path(tmp) / "full.pt"
         dcp_to_torch_save(str(directory), str(path))
         state = torch.load(path, map_location="cpu", weights_only=False)
-    return state[key] if key in state else state
+    return state.get(key, state)
 
 
-def export_full_model(model_config, state_dict: dict[str, torch.Tensor], directory: str | os.PathLike) -> None:
+def export_full_model(
+    model_config, state_dict: dict[str, torch.Tensor], directory: str | os.PathLike
+) -> None:
     """Write a consolidated state dict as a single-process-loadable Hugging Face model directory (safetensors)."""
     from .modeling_gpt2_accel import GPT2AccelForCausalLM
 

@@ -225,9 +225,14 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.output_dir / "recipe.yaml", self.recipe.to_yaml())
         if log_with:
-            os.environ.setdefault("WANDB_DIR", str(self.output_dir))  # wandb's files live with the run, not in cwd
+            os.environ.setdefault(
+                "WANDB_DIR", str(self.output_dir)
+            )  # wandb's files live with the run, not in cwd
             # trackers take scalars only (tensorboard's hparams refuse None and lists)
-            hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in self.recipe.flat().items()}
+            hparams = {
+                k: v if isinstance(v, int | float | str | bool) else str(v)
+                for k, v in self.recipe.flat().items()
+            }
             acc.init_trackers(t.run_name or self.output_dir.name, config=hparams)
         self._built = True
 
@@ -275,10 +280,12 @@ class Trainer:
         overrides = {k: v for k, v in (("dropout", m.dropout), ("attn_type", m.attn_type)) if v is not None}
         impl = m.attn_implementation
         if resume_dir is not None:
-            # The checkpoint's own export has the architecture; its weights are replaced by load_state anyway.
-            model = GPT2AccelForCausalLM.from_pretrained(
-                resume_dir / "model", attn_implementation=impl, **overrides
-            )
+            # The checkpoint's own export has the architecture; its weights are replaced by load_state anyway, so
+            # build from the config alone: from_pretrained under ZeRO-3 would hand back partitioned (empty, 1-D)
+            # parameters, which the optimizer's decay / no-decay split cannot classify.
+            config = GPT2AccelConfig.from_pretrained(resume_dir / "model", **overrides)
+            config._attn_implementation = impl
+            model = GPT2AccelForCausalLM(config)
         elif m.init_from == "scratch":
             config = GPT2AccelConfig(
                 vocab_size=m.vocab_size or self.tokenizer.vocab_size,
@@ -555,9 +562,11 @@ class Trainer:
     def _nonfinite(self, step: int, loss: torch.Tensor, grad_norm, applied: bool = False) -> None:
         gn = float(grad_norm) if grad_norm is not None else float("nan")
         msg = f"non-finite loss or gradient at step {step + 1}: loss={float(loss):.4g}, grad_norm={gn:.4g}"
-        if applied:  # DeepSpeed already stepped inside backward: the weights are poisoned, skipping cannot help
+        # DeepSpeed already stepped inside backward: the weights are poisoned, skipping cannot help
+        if applied:
             raise NonFiniteLossError(
-                msg + ". Under DeepSpeed the update was already applied; resume from the last checkpoint with a "
+                msg
+                + ". Under DeepSpeed the update was already applied; resume from the last checkpoint with a "
                 "lower learning_rate or check the data"
             )
         if self.recipe.training.on_nonfinite == "error":

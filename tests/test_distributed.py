@@ -72,7 +72,16 @@ def _launch(config: str, n: int, data: Path, out: Path, *args: str, port: int | 
            "--num_processes", str(n), "--main_process_port", str(port or _free_port())]  # fmt: skip
     if machines is not None:
         cmd += ["--num_machines", str(machines[0]), "--machine_rank", str(machines[1])]
-    return [*cmd, "-m", "gpt2_accel.train", str(DEMO), f"--dataset_name={data}", *TINY, f"--output_dir={out}", *args]
+    return [
+        *cmd,
+        "-m",
+        "gpt2_accel.train",
+        str(DEMO),
+        f"--dataset_name={data}",
+        *TINY,
+        f"--output_dir={out}",
+        *args,
+    ]
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -165,13 +174,19 @@ def test_check_world_refuses_every_silent_fallback():
     check_world(LaunchRequest(num_processes=2, mode="multi"), 2, "MULTI_CPU")  # what cpu.yaml gives
     check_world(LaunchRequest(num_processes=2, mode="deepspeed"), 2, "DistributedType.DEEPSPEED")
     check_world(LaunchRequest(), 1, "NO")  # python -m gpt2_accel.train / a notebook
-    with pytest.raises(DistributedSetupError, match=r"--cpu --num_processes 2` starts ONE process.*cpu\.yaml"):
+    with pytest.raises(
+        DistributedSetupError, match=r"--cpu --num_processes 2` starts ONE process.*cpu\.yaml"
+    ):
         check_world(LaunchRequest(num_processes=2, mode="cpu"), 1, "NO")
     with pytest.raises(DistributedSetupError, match=r"asked for 2 process\(es\).*world of 1.*own model"):
         check_world(LaunchRequest(num_processes=2, mode="multi"), 1, "NO")
-    with pytest.raises(DistributedSetupError, match=r"asks for FSDP but Accelerate runs MULTI_CPU.*needs GPUs"):
+    with pytest.raises(
+        DistributedSetupError, match=r"asks for FSDP but Accelerate runs MULTI_CPU.*needs GPUs"
+    ):
         check_world(LaunchRequest(num_processes=2, mode="fsdp"), 2, "MULTI_CPU")
-    with pytest.raises(DistributedSetupError, match=r"asks for DEEPSPEED but Accelerate runs NO.*install deepspeed"):
+    with pytest.raises(
+        DistributedSetupError, match=r"asks for DEEPSPEED but Accelerate runs NO.*install deepspeed"
+    ):
         check_world(LaunchRequest(num_processes=1, mode="deepspeed"), 1, "NO")
     with pytest.raises(DistributedSetupError, match=r"distributed_type=XLA.*not synchronise"):
         check_world(LaunchRequest(num_processes=2), 2, "XLA")
@@ -180,14 +195,28 @@ def test_check_world_refuses_every_silent_fallback():
     assert not wants_cpu(LaunchRequest(num_processes=2, mode="deepspeed", use_cpu=True))
 
 
-def test_cpu_flag_with_two_processes_fails_with_a_clear_error(tokens, tmp_path):
+@pytest.mark.parametrize(
+    ("launch", "message"),
+    [
+        (
+            ["--cpu"],
+            "starts ONE process",
+        ),  # Accelerate's simple launcher: one process whatever --num_processes
+        (["--config_file", str(CONFIGS / "fsdp.yaml")], "asks for FSDP but Accelerate runs MULTI_CPU"),
+    ],
+    ids=["cpu_flag", "fsdp_without_gpus"],
+)
+def test_a_launch_that_would_fall_back_fails_with_a_clear_error(launch, message, tokens, tmp_path):
+    if "fsdp.yaml" in launch[-1] and torch.cuda.is_available():
+        pytest.skip("FSDP really runs on this machine")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
            "--main_process_port", str(_free_port()), "-m", "gpt2_accel.train", str(DEMO),
            f"--dataset_name={tokens}", *TINY, f"--output_dir={out}"]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode != 0
-    assert "starts ONE process" in proc.stderr and "accelerate_configs/cpu.yaml" in proc.stderr
+    assert "DistributedSetupError" in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
+    assert "accelerate_configs/cpu.yaml" in proc.stderr  # the fix is named
     assert not (out / "model.safetensors").exists()
 
 
@@ -211,7 +240,11 @@ def test_two_processes_equal_one_process_with_accumulation_and_resume_on_one(tok
     resumed = tmp_path / "resumed"
     shutil.copytree(run / "checkpoints" / "step_00000005", resumed / "checkpoints" / "step_00000005")
     shutil.copy(run / "metrics.jsonl", resumed / "metrics.jsonl")
-    _run(_launch("cpu.yaml", 1, tokens, resumed, "--gradient_accumulation_steps=2", "--resume_from_checkpoint=auto"))
+    _run(
+        _launch(
+            "cpu.yaml", 1, tokens, resumed, "--gradient_accumulation_steps=2", "--resume_from_checkpoint=auto"
+        )
+    )
     _assert_same_losses(_losses(resumed), _losses(run))
     torch.testing.assert_close(_logits(resumed), _logits(run), rtol=0, atol=1e-4)
 
@@ -340,7 +373,9 @@ def test_fsdp2_wrap_sharded_save_load_across_world_sizes_and_consolidation(tmp_p
     assert res["err"] < 2e-4
     # the 2-rank checkpoint resumes on 1 rank (DCP reshards): the next two losses are those of the 2-rank run
     _torch_dist(script, 1, "resume", str(tmp_path))
-    np.testing.assert_allclose(json.loads((tmp_path / "resume1.json").read_text())["more"], res["more"], atol=1e-5)
+    np.testing.assert_allclose(
+        json.loads((tmp_path / "resume1.json").read_text())["more"], res["more"], atol=1e-5
+    )
     # consolidation without a process group: the 2 ranks' shards make the full model of step 4
     gathered = torch.load(tmp_path / "full_state.pt")  # full_state_dict() of the sharded model at step 4
     offline = consolidate_checkpoint(tmp_path / "ckpt")
@@ -355,7 +390,9 @@ def test_fsdp2_wrap_sharded_save_load_across_world_sizes_and_consolidation(tmp_p
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     assert exported.lm_head.weight.data_ptr() == exported.transformer.wte.weight.data_ptr()
-    plain = GPT2AccelForCausalLM(GPT2AccelConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    plain = GPT2AccelForCausalLM(
+        GPT2AccelConfig(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    )
     plain.load_state_dict(gathered)
     ids = torch.arange(32).reshape(2, 16) % 128
     with torch.no_grad():
@@ -411,7 +448,9 @@ def test_deepspeed_zero_trains_like_ddp_exports_and_resumes(config, tokens, refe
 def test_deepspeed_zero3_cpu_offload_trains_like_ddp(tokens, reference, tmp_path):
     pytest.importorskip("deepspeed")
     run = tmp_path / "run"
-    _run(_launch("deepspeed_zero3_offload.yaml", 2, tokens, run, "--save_steps=0"))  # DeepSpeedCPUAdam (compiled)
+    _run(
+        _launch("deepspeed_zero3_offload.yaml", 2, tokens, run, "--save_steps=0")
+    )  # DeepSpeedCPUAdam (compiled)
     _assert_same_losses(_losses(run), _losses(reference))
     _assert_complete_export(run)
     torch.testing.assert_close(_logits(run), _logits(reference), rtol=0, atol=1e-4)
