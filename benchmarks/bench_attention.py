@@ -2,6 +2,7 @@
 
     python benchmarks/bench_attention.py            # B=4, 6 heads, T=1024, head 64 (the figures in docs/attention.md)
     python benchmarks/bench_attention.py --quick    # a small smoke run (seconds)
+    python benchmarks/bench_attention.py --variants # only the GK no-grad table (log-sum-exp kernel / sentinel / naive)
 
 Time: the fastest of ``--repeats`` rounds after one warm-up, each round timing the fast and the naive call back
 to back (the minimum, not the median: on a shared machine other processes only ever add time), forward under
@@ -9,17 +10,24 @@ to back (the minimum, not the median: on a shared machine other processes only e
 Peak memory: bytes the call itself allocates and still holds at its worst moment (the running sum of every CPU
 allocator allocation/free recorded by ``torch.profiler`` with ``profile_memory=True``, kernel scratch buffers
 included, inputs excluded), measured in a separate, untimed call.
+GK forward without gradients (evaluation, generation) has its own table: the log-sum-exp kernel it now takes,
+the sentinel path it took before (still the path with gradients), and the naive formula, interleaved round by
+round, with the median and the best of ``--repeats`` rounds and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 import torch._C._profiler as _prof
 from torch.profiler import ProfilerActivity, profile
 
+from gpt2_accel import attention as attn_mod
 from gpt2_accel.attention import causal_attention
 
 IMPLS = ("sdpa", "eager")  # fast path, naive formula
@@ -63,6 +71,46 @@ def time_pair(attn_type: str, shape, backward: bool, repeats: int) -> dict[str, 
     return best
 
 
+@contextmanager
+def _without_lse_kernel():
+    """GK under no_grad as before issue 10's follow-up: the sentinel path (the fallback without the kernel)."""
+    saved = attn_mod._FLASH_LSE
+    attn_mod._FLASH_LSE = None
+    try:
+        yield
+    finally:
+        attn_mod._FLASH_LSE = saved
+
+
+def time_gk_no_grad(shape, repeats: int) -> dict[str, list[float]]:
+    """Seconds per GK forward under no_grad, per round, for the log-sum-exp kernel, the sentinel path and the
+    naive formula, the three timed back to back in each round (after one warm-up round)."""
+    q, k, v = _make_inputs(*shape, grad=False)
+    n_pos = shape[2]
+
+    def lse() -> None:
+        causal_attention(q, k, v, "GK", n_pos)
+
+    def sentinel() -> None:
+        with _without_lse_kernel():
+            causal_attention(q, k, v, "GK", n_pos)
+
+    def naive() -> None:
+        causal_attention(q, k, v, "GK", n_pos, implementation="eager")
+
+    fns = {"lse": lse, "sentinel": sentinel, "naive": naive}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def peak_bytes(attn_type: str, impl: str, shape, backward: bool) -> int:
     """Peak of live bytes allocated during one call (inputs excluded), from the profiler's allocation events."""
     q, k, v = _make_inputs(*shape, grad=backward)
@@ -100,8 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     shape = (args.batch, args.heads, args.seq, args.head_size)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={shape[0]}, heads={shape[1]}, "
-        f"T={shape[2]}, head size={shape[3]}; best of {args.repeats}"
+        f"T={shape[2]}, head size={shape[3]}; best of {args.repeats}; "
+        f"load average {os.getloadavg()[0]:.1f} (1 min)"
     )
+    if not args.variants or "GK" in args.variants:
+        gk = time_gk_no_grad(shape, args.repeats)
+        med = {n: statistics.median(t) for n, t in gk.items()}
+        best = {n: min(t) for n, t in gk.items()}
+        print(f"\nGK forward, no gradients (median / best of {args.repeats} interleaved rounds)\n")
+        print("| path | median | best | speed-up over naive (median / best) |")
+        print("|---|---|---|---|")
+        for name, label in (("lse", "log-sum-exp kernel"), ("sentinel", "sentinel"), ("naive", "naive")):
+            print(
+                f"| {label} | {med[name] * 1e3:.1f} ms | {best[name] * 1e3:.1f} ms "
+                f"| {med['naive'] / med[name]:.1f}x / {best['naive'] / best[name]:.1f}x |",
+                flush=True,
+            )
+        print(f"\nload average {os.getloadavg()[0]:.1f} (1 min) after the GK table\n")
+    if not args.variants:
+        return 0
     print(
         "| attn_type | fwd fast | fwd naive | speed-up | fwd+bwd fast | fwd+bwd naive | speed-up "
         "| peak fwd+bwd fast | peak fwd+bwd naive |"

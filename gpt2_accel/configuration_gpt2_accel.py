@@ -2,31 +2,24 @@
 
 Names follow GPT-2 (``n_layer``, ``n_head``, ``n_embd``, ``n_positions``) and transformers' standard names
 (``hidden_size``, ``num_attention_heads``...) map onto them through ``attribute_map``.
-This file imports nothing but transformers: it is copied next to the weights for ``trust_remote_code`` users.
+This file imports transformers and its sibling ``attention.py`` (which imports only torch, never this file): both
+are copied next to the weights for ``trust_remote_code`` users, where the relative import still resolves.
 """
 
 from __future__ import annotations
 
-import re
-
 from transformers import PretrainedConfig
 
-# The attention variants (see attention.py). Kept here, not imported, so this file stays self-contained.
-ATTN_TYPE_FORMS = (
-    "SM",
-    "GK",
-    "GKpoly-<n> (n = 1..16)",
-    "PA_<activation> (e.g. PA_relu, PA_gelu, PA_sigmoid)",
-)
-_ATTN_TYPE_RE = re.compile(r"^(SM|GK|GKpoly-([1-9]|1[0-6])|PA_[A-Za-z][A-Za-z0-9_]*)$")
+from .attention import parse_attn_type
 
 
 def check_attn_type(attn_type: str) -> str:
-    """Return ``attn_type`` if it names a known form, else raise a ValueError listing the valid forms."""
-    if not isinstance(attn_type, str) or not _ATTN_TYPE_RE.match(attn_type):
-        raise ValueError(
-            f"attn_type={attn_type!r} is not a valid attention type; valid forms: {', '.join(ATTN_TYPE_FORMS)}"
-        )
+    """Return ``attn_type`` if it names a known form, else raise a ValueError listing the valid forms.
+
+    Delegates to the attention module's own parser, so the config rejects exactly what a forward would reject
+    (an unknown ``PA_<activation>`` included) at construction instead of at the first forward.
+    """
+    parse_attn_type(attn_type)
     return attn_type
 
 

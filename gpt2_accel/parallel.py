@@ -168,7 +168,7 @@ def _has_accelerator() -> bool:
 def process_group_backend(req: LaunchRequest) -> str | None:
     """``"gloo"`` for DeepSpeed on a machine without an accelerator (Accelerate would otherwise start no process
     group at all and train each rank alone); None (Accelerate's choice: nccl, gloo for cpu=True...) otherwise."""
-    if req.mode == "deepspeed" and (req.num_processes or 1) > 1 and not _has_accelerator():
+    if req.mode == "deepspeed" and not _has_accelerator():
         return "gloo"
     return None
 

@@ -182,6 +182,100 @@ def test_gk_far_keys_underflow_to_zero_without_nan():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+# -- GK without gradients: the CPU flash kernel's log-sum-exp (attention._gk_lse) ----------------------------
+
+
+@pytest.fixture
+def lse_calls(monkeypatch) -> list[int]:
+    """Counts calls of the log-sum-exp kernel, so a test can tell which GK path ran."""
+    if attn_mod._FLASH_LSE is None:
+        pytest.skip("this torch has no aten._scaled_dot_product_flash_attention_for_cpu")
+    calls = [0]
+    op = attn_mod._FLASH_LSE
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(attn_mod, "_FLASH_LSE", counting)
+    return calls
+
+
+def left_padding_mask(t: int) -> torch.Tensor:
+    keep = torch.ones(2, t, dtype=torch.bool)
+    keep[0, :7] = False  # row 0 is left-padded by 7 tokens: its first 7 queries see no key at all
+    return causal(t, t)[None, None] & keep[:, None, None, :]  # (B, 1, T, T)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+@pytest.mark.parametrize("case", ["causal", "kv_cache_1", "kv_cache_5", "left_padding"])
+def test_gk_no_grad_fast_path_matches_float64(case, offset, lse_calls):
+    """Under no_grad (evaluation, generation) GK takes the log-sum-exp kernel and matches the definition to 1e-5,
+    also with a large shared offset of q and k (exponent and log-sum-exp ~ 1800, which the centering removes)."""
+    t = 24
+    q, k, v = make_qkv(t=t)  # they require grad: no_grad alone must select the fast path
+    q, k = q + offset, k + offset
+    mask = left_padding_mask(t) if case == "left_padding" else None
+    t_q = {"kv_cache_1": 1, "kv_cache_5": 5}.get(case, t)
+    with torch.no_grad():
+        y = causal_attention(q[..., -t_q:, :], k, v, "GK", attention_mask=mask)
+    ref = reference(q[..., -t_q:, :], k, v, "GK", causal(t_q, t) if mask is None else mask)
+    assert lse_calls[0] >= 1
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert rel_err(y, ref) <= 1e-5
+    if case == "left_padding":
+        assert (y[0, :, :7] == 0).all()  # queries with no visible key give 0, not NaN
+
+
+def test_gk_fast_path_only_without_gradients(lse_calls):
+    """inference_mode and detached inputs take the kernel too; with gradients the sentinel path runs and the
+    gradient is there."""
+    q, k, v = make_qkv(t=16)
+    with torch.inference_mode():
+        y_inf = causal_attention(q, k, v, "GK")
+    y_detached = causal_attention(q.detach(), k.detach(), v.detach(), "GK")
+    assert lse_calls[0] == 2
+    y = causal_attention(q, k, v, "GK")
+    assert lse_calls[0] == 2 and y.requires_grad
+    torch.testing.assert_close(y_inf, y.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_detached, y.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_gk_no_grad_large_norms_do_not_overflow(lse_calls):
+    """||q||^2 / (2 sqrt d) ~ 1e4 (queries far from every key): the rescaling exp(lse - ||q||^2 / (2 sqrt d)) is
+    taken in log space, so the result is the exact fp32 value 0 (exp(-1e4)), not inf * 0 = NaN; nearby queries
+    stay exact."""
+    q, k, v = (x.detach() for x in make_qkv(t=16))
+    q[..., 1::2, :] += 100.0  # odd queries are far from every key
+    y = causal_attention(q, k, v, "GK")
+    assert lse_calls[0] == 1
+    assert torch.isfinite(y).all() and (y[..., 1::2, :].abs() < 1e-30).all()
+    ref = reference(q, k, v, "GK", causal(16, 16))
+    assert rel_err(y[..., 0::2, :], ref[..., 0::2, :]) <= 1e-5
+
+
+def test_gk_no_grad_bf16_computed_in_fp32(lse_calls):
+    q, k, v = (t.detach().bfloat16() for t in make_qkv())
+    y = causal_attention(q, k, v, "GK")
+    assert lse_calls[0] == 1 and y.dtype == torch.bfloat16
+    assert rel_err(y, reference(q, k, v, "GK", causal(40, 40))) <= 1e-2  # bf16 output rounding only
+
+
+@pytest.mark.parametrize("broken", ["missing", "raises"])
+def test_gk_no_grad_falls_back_to_the_sentinel_path(broken, monkeypatch):
+    """Without the private kernel (another torch) or when it rejects the inputs, GK still gives the formula."""
+    q, k, v = (t.detach() for t in make_qkv(t=16))
+
+    def raising(*args, **kwargs):
+        raise RuntimeError("not supported")
+
+    monkeypatch.setattr(attn_mod, "_FLASH_LSE", None if broken == "missing" else raising)
+    for t_q, mask in ((16, None), (5, None), (16, left_padding_mask(16))):
+        y = causal_attention(q[..., -t_q:, :], k, v, "GK", attention_mask=mask)
+        ref = reference(q[..., -t_q:, :], k, v, "GK", causal(t_q, 16) if mask is None else mask)
+        assert rel_err(y, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("attn_type", ["GKpoly-8", "PA_square"])
 def test_overflowing_weight_at_a_masked_key_does_not_poison_gradients(attn_type, impl):
@@ -281,6 +375,15 @@ def test_unknown_attn_type_lists_valid_forms():
         causal_attention(q, k, v, "GK", implementation="flash")
 
 
+@pytest.mark.parametrize("bad", ["PA_nope", "PA_", "GKpoly-17", "softmax"])
+def test_config_rejects_what_the_forward_would_reject(bad):
+    """An unknown PA activation fails when the config is built (from a recipe, --attn_type or config.json), not
+    at the first forward, with the message that lists the valid forms."""
+    with pytest.raises(ValueError, match=rf"attn_type='{bad}'.*valid forms: SM, GK, GKpoly-<n>"):
+        GPT2AccelConfig(attn_type=bad)
+    assert GPT2AccelConfig(attn_type="PA_softplus").attn_type == "PA_softplus"
+
+
 def test_any_elementwise_activation_by_name():
     q, k, v = (t.detach() for t in make_qkv(t=8))
     y = causal_attention(q, k, v, "PA_softplus", N_POSITIONS)
@@ -295,7 +398,16 @@ MODEL_VARIANTS = ["SM", "GK", "GKpoly-3", "PA_relu"]
 
 
 @pytest.mark.parametrize("attn_type", MODEL_VARIANTS)
-def test_cached_greedy_generation_equals_full_recompute(attn_type):
+def test_cached_greedy_generation_equals_full_recompute(attn_type, monkeypatch):
+    calls = [0]
+    if attn_mod._FLASH_LSE is not None:  # count GK's no-grad kernel: generation must run through it
+        op = attn_mod._FLASH_LSE
+
+        def counting(*args, **kwargs):
+            calls[0] += 1
+            return op(*args, **kwargs)
+
+        monkeypatch.setattr(attn_mod, "_FLASH_LSE", counting)
     model = tiny_model(attn_type=attn_type)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -323,6 +435,8 @@ def test_cached_greedy_generation_equals_full_recompute(attn_type):
         cache = out.past_key_values
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    if attn_type == "GK" and attn_mod._FLASH_LSE is not None:
+        assert calls[0] > 0
 
 
 @pytest.mark.parametrize("attn_type", MODEL_VARIANTS)

@@ -72,3 +72,19 @@ def test_bench_bad_key_is_an_error_naming_it(capsys):
 def test_bench_bad_steps_is_an_error(capsys):
     assert main([DEMO, *TINY[:-2], "--steps=0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_real_data_goes_through_the_pipeline(tmp_path, capsys):
+    # The bundled Shakespeare through the GPT-2 BPE tokenizer: the model vocabulary must hold its 50257 ids.
+    out_json = tmp_path / "bench.json"
+    argv = [
+        DEMO,
+        *[a for a in TINY if not a.startswith("--vocab_size")],
+        "--dataloader_num_workers=0",
+        "--real-data",
+    ]
+    assert main([*argv, "--json", str(out_json)]) == 0
+    r = json.loads(out_json.read_text())
+    assert r["tokens_per_step"] == 2 * 32
+    # A random init predicts ~uniformly over 50257 tokens: real text gives a loss near ln(50257) = 10.8.
+    assert 9.5 < r["final_loss"] < 12.0
