@@ -112,31 +112,32 @@ def trainer_tokens_per_sec(cfg: dict, steps: int, threads: int) -> float:
     from gpt2_accel.metrics import read_metrics
     from gpt2_accel.trainer import Trainer
 
-    out = tempfile.mkdtemp(prefix="bench_trainer_")
-    log_every = max(1, steps // 3)
-    tr = Trainer(
-        n_layer=cfg["L"],
-        n_head=cfg["H"],
-        n_embd=cfg["d"],
-        n_positions=cfg["T"],
-        vocab_size=cfg["vocab"],
-        dropout=0.0,
-        per_device_train_batch_size=cfg["B"],
-        dataset_name="bundled:shakespeare",
-        tokenizer_name="gpt2" if cfg["vocab"] >= 50257 else "char",  # char: 256 byte ids (the --quick vocab)
-        dataloader_num_workers=1,
-        max_steps=steps,
-        logging_steps=log_every,
-        eval_steps=0,
-        save_steps=0,
-        max_eval_samples=1,
-        warmup_steps=0,
-        output_dir=out,
-        report_to=["none"],
-    )
-    tr.train()
-    torch.set_num_threads(threads)  # in case the launch machinery changed it
-    rows = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "tokens_per_sec" in r]
+    with tempfile.TemporaryDirectory(prefix="bench_trainer_") as out:  # checkpoints and the model are deleted
+        log_every = max(1, steps // 3)
+        tr = Trainer(
+            n_layer=cfg["L"],
+            n_head=cfg["H"],
+            n_embd=cfg["d"],
+            n_positions=cfg["T"],
+            vocab_size=cfg["vocab"],
+            dropout=0.0,
+            per_device_train_batch_size=cfg["B"],
+            dataset_name="bundled:shakespeare",
+            # char: 256 byte ids, for the --quick vocabulary of 512
+            tokenizer_name="gpt2" if cfg["vocab"] >= 50257 else "char",
+            dataloader_num_workers=1,
+            max_steps=steps,
+            logging_steps=log_every,
+            eval_steps=0,
+            save_steps=0,
+            max_eval_samples=1,
+            warmup_steps=0,
+            output_dir=out,
+            report_to=["none"],
+        )
+        tr.train()
+        torch.set_num_threads(threads)  # in case the launch machinery changed it
+        rows = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "tokens_per_sec" in r]
     return statistics.median(r["tokens_per_sec"] for r in rows[1:] or rows)
 
 
