@@ -245,6 +245,77 @@ def _attention_mask(attention_mask: torch.Tensor | None, t_q: int, t_k: int, dev
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight[:vocab_size].T`` without materialising the (N, V) logits.
+
+    Forward walks ``chunk_rows`` rows at a time: logits of the chunk, log-softmax, the loss terms, and (the loss
+    being a scalar) the chunk's gradients right away: dlogits = softmax - onehot, then dh = dlogits @ W and
+    dW += dlogits^T @ h. Only dh (N, C) and dW (V_padded, C) are kept for backward, which scales them by the
+    incoming gradient. The same idea as Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024,
+    arXiv:2410.10989), written here for the padded, tied GPT-2 head. Rows whose target is -100 count nowhere;
+    the padded weight rows (>= vocab_size) are outside the normaliser and get a zero gradient, so the loss and
+    gradients equal those of the unpadded model.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size, chunk_rows, need_grad):
+        # h (N, C), weight (V_padded, C), targets (N,) with -100 = ignore
+        dev = h.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # matmul dtype
+        with torch.autocast(dev, enabled=False):
+            w = weight[:vocab_size].to(cdt)  # (V, C): rows of a contiguous matrix, a view in full precision
+            valid = targets != -100  # (N,)
+            n_valid = valid.sum()
+            # 1/n_valid on real rows, 0 on ignored ones; folded into the (N, C)-sized products instead of a pass
+            # over the (rows, V) chunk. No targets at all: 0/0 = nan, as F.cross_entropy gives.
+            scale = valid.to(torch.float32) / n_valid  # (N,)
+            tgt = targets.masked_fill(~valid, 0)  # (N,) any in-range id for ignored rows (their scale is 0)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            dh = torch.empty_like(h) if need_grad[0] else None  # (N, C)
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad[1] else None
+            for s in range(0, h.size(0), chunk_rows):
+                h_c = h[s : s + chunk_rows].to(cdt)  # (n, C)
+                t_c, k_c = tgt[s : s + chunk_rows], scale[s : s + chunk_rows]  # (n,)
+                logp = torch.log_softmax((h_c @ w.T).float(), dim=-1)  # (n, V) fp32
+                rows = torch.arange(h_c.size(0), device=h.device)
+                loss -= (logp[rows, t_c] * k_c).sum()
+                if dh is None and dw is None:
+                    continue
+                g = logp.exp_()  # softmax, in place (n, V)
+                g[rows, t_c] -= 1.0  # softmax - onehot: the gradient of the summed loss (still unscaled)
+                g = g.to(cdt)
+                if dh is not None:
+                    dh[s : s + chunk_rows] = (g @ w).float().mul_(k_c[:, None])  # (n, C)
+                if dw is not None:
+                    hk = (h_c.float() * k_c[:, None]).to(cdt)  # (n, C) the row scales, on the small side
+                    if cdt == torch.float32:
+                        dw[:vocab_size].addmm_(g.T, hk)  # (V, C) += (V, n) @ (n, C)
+                    else:
+                        dw[:vocab_size] += (g.T @ hk).float()
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        gh = (dh * grad_loss).to(ctx.dtypes[0]) if dh is not None else None
+        gw = (dw * grad_loss).to(ctx.dtypes[1]) if dw is not None else None
+        return gh, gw, None, None, None, None
+
+
+def chunked_linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int = 1024
+) -> torch.Tensor:
+    """Mean cross-entropy (ignore_index -100) of ``h @ weight[:vocab_size].T`` against ``targets``, computed in
+    row chunks so the (N, vocab_size) logits never exist. h (..., C), targets (...) -> scalar fp32 loss."""
+    h2 = h.reshape(-1, h.size(-1))  # (N, C)
+    need = (torch.is_grad_enabled() and h.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(
+        h2, weight, targets.reshape(-1).to(h.device), vocab_size, chunk_rows, need
+    )
+
+
 class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
     """GPT-2 with a language-modelling head whose weight is tied to the token embedding."""
 
@@ -254,6 +325,9 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = GPT2AccelModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Rows of hidden states per chunk of the skip_logits loss: the (rows, vocab) fp32 chunk is 205 MB at
+        # 1024 x 50257. Tuned on CPU with benchmarks/bench_train_step.py --components.
+        self.loss_chunk_rows = 1024
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -281,10 +355,15 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        skip_logits: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """``labels`` follow transformers (shifted here; -100 is ignored). ``shift_labels`` are targets already
-        aligned with the inputs (target t = next token after input t), as the trainer's packed windows give."""
+        aligned with the inputs (target t = next token after input t), as the trainer's packed windows give.
+        ``skip_logits=True`` (with labels or shift_labels; Liger-Kernel's name) returns only the loss, computed
+        by a chunked LM head + cross-entropy that never builds the (B, T, vocab) logits; ``logits`` is None."""
+        if skip_logits and labels is None and shift_labels is None:
+            raise ValueError("skip_logits=True returns only the loss: pass labels or shift_labels with it")
         out = self.transformer(
             input_ids,
             attention_mask=attention_mask,
@@ -298,16 +377,19 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
         h = out.last_hidden_state  # (B, T, C)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]  # generation only needs the last position's logits
-        # The padded vocabulary rows (pad_vocab_size_multiple) make the matmul faster but are cut off here, so a
-        # padded id can never be predicted, sampled or counted in the loss.
-        logits = self.lm_head(h)[..., : self.config.vocab_size]  # (B, T, vocab_size)
-
-        loss = None
+        loss = logits = None
         if labels is not None and shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=-100)[
-                :, 1:
-            ]  # (B, T): target of position t is label t+1
-        if shift_labels is not None:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T): target of position t is label t+1
+        if skip_logits:
+            # self.lm_head.weight is read here, inside forward, so FSDP/ZeRO-3 gather hooks have run for it.
+            loss = chunked_linear_cross_entropy(
+                h, self.lm_head.weight, shift_labels, self.config.vocab_size, self.loss_chunk_rows
+            )
+        else:
+            # The padded vocabulary rows (pad_vocab_size_multiple) make the matmul faster but are cut off here, so
+            # a padded id can never be predicted, sampled or counted in the loss.
+            logits = self.lm_head(h)[..., : self.config.vocab_size]  # (B, T, vocab_size)
+        if shift_labels is not None and not skip_logits:
             loss = F.cross_entropy(
                 logits.float().reshape(-1, logits.size(-1)),
                 shift_labels.reshape(-1).to(logits.device),
@@ -315,7 +397,7 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
             )
         return_dict = return_dict if return_dict is not None else True
         if not return_dict:
-            rest = (logits, out.past_key_values, out.hidden_states)
+            rest = (logits, out.past_key_values, out.hidden_states)  # logits None under skip_logits: dropped
             rest = tuple(t for t in rest if t is not None)
             return (loss, *rest) if loss is not None else rest
         return CausalLMOutputWithPast(
