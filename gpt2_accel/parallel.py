@@ -244,7 +244,7 @@ def consolidate_checkpoint(directory: str | os.PathLike, key: str = "model") -> 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "full.pt"
         dcp_to_torch_save(str(directory), str(path))
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
     return state.get(key, state)
 
 

@@ -138,42 +138,26 @@ class Trainer:
                 )
 
         resume_dir = self._find_resume_dir()
-        set_seed(
-            t.seed
-        )  # same init on every rank; per-rank RNG streams come back from the checkpoint on resume
+        # same init on every rank; per-rank RNG streams come back from the checkpoint on resume
+        set_seed(t.seed)
 
+        from .data import build_eval_windows, build_train_loader, check_block_size
         from .tokenization import get_tokenizer
 
+        # Data first: a missing file, a bad column or an empty dataset is reported before any weights are built
+        # or downloaded.
         self.tokenizer = get_tokenizer(r.data.tokenizer_name)
-        self.model = self._build_model(resume_dir)
-        cfg = self.model.config
-        self.block_size = r.data.block_size or cfg.n_positions
-        if self.block_size > cfg.n_positions:
-            raise RecipeError(
-                f"block_size={self.block_size} is longer than the model's context n_positions={cfg.n_positions}; "
-                "lower block_size"
-            )
-        if self.tokenizer.vocab_size > cfg.vocab_size:
-            raise RecipeError(
-                f"tokenizer {r.data.tokenizer_name!r} has {self.tokenizer.vocab_size} tokens but the model's "
-                f"vocab_size is {cfg.vocab_size}; set vocab_size >= {self.tokenizer.vocab_size} or change tokenizer_name"
-            )
-        if t.gradient_checkpointing:
-            # transformers >= 5.2x renamed it; keep working on both
-            enable = (
-                getattr(self.model, "activation_checkpointing_enable", None)
-                or self.model.gradient_checkpointing_enable
-            )
-            enable()
-
+        n_positions = self._model_n_positions(resume_dir)
+        self.block_size = r.data.block_size or n_positions
+        try:
+            check_block_size(self.block_size, n_positions)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
         self.global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * acc.num_processes
         self.tokens_per_step = self.global_batch * self.block_size
         self.max_steps = t.max_steps
         if t.max_train_tokens is not None:
             self.max_steps = math.ceil(t.max_train_tokens / self.tokens_per_step)
-
-        from .data import build_eval_windows, build_train_loader
-
         self.train_loader = build_train_loader(
             r.data,
             self.tokenizer,
@@ -192,6 +176,27 @@ class Trainer:
             rank=acc.process_index,
             world_size=acc.num_processes,
         )
+        n_eval = torch.tensor(len(self.eval_windows), device=acc.device)
+        self.has_eval = bool(acc.reduce(n_eval, reduction="sum").item() > 0)
+        if not self.has_eval:
+            logger.warning(
+                "no validation data (validation_split_percentage=0 and no validation split): no evals"
+            )
+
+        self.model = self._build_model(resume_dir)
+        cfg = self.model.config
+        if self.tokenizer.vocab_size > cfg.vocab_size:
+            raise RecipeError(
+                f"tokenizer {r.data.tokenizer_name!r} has {self.tokenizer.vocab_size} tokens but the model's "
+                f"vocab_size is {cfg.vocab_size}; set vocab_size >= {self.tokenizer.vocab_size} or change tokenizer_name"
+            )
+        if t.gradient_checkpointing:
+            # transformers >= 5.2x renamed it; keep working on both
+            enable = (
+                getattr(self.model, "activation_checkpointing_enable", None)
+                or self.model.gradient_checkpointing_enable
+            )
+            enable()
 
         # Counted before prepare: ZeRO-3 / FSDP leave each rank only its shard of every parameter.
         n_params = sum(p.numel() for p in self.model.parameters()) - self.model.transformer.wpe.weight.numel()
@@ -225,9 +230,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.output_dir / "recipe.yaml", self.recipe.to_yaml())
         if log_with:
-            os.environ.setdefault(
-                "WANDB_DIR", str(self.output_dir)
-            )  # wandb's files live with the run, not in cwd
+            # wandb's files live with the run, not in cwd
+            os.environ.setdefault("WANDB_DIR", str(self.output_dir))
             # trackers take scalars only (tensorboard's hparams refuse None and lists)
             hparams = {
                 k: v if isinstance(v, int | float | str | bool) else str(v)
@@ -271,6 +275,28 @@ class Trainer:
             f"output_dir {str(self.output_dir)!r} already holds checkpoints; use resume_from_checkpoint=auto to "
             "continue, overwrite_output_dir=true to start over there, or another output_dir"
         )
+
+    def _model_n_positions(self, resume_dir: Path | None) -> int:
+        """The context length of the model the run will train, read without building (or downloading) it."""
+        m = self.recipe.model
+        if resume_dir is not None:
+            return int(ckpt.read_json(resume_dir / "model" / "config.json")["n_positions"])
+        if m.init_from == "scratch":
+            return m.n_positions
+        local = Path(m.init_from) / "config.json"
+        if local.is_file():
+            return int(ckpt.read_json(local)["n_positions"])
+        if m.init_from in OPENAI_GPT2:
+            return 1024  # every OpenAI GPT-2 size has a 1024-token context
+        from transformers import AutoConfig
+
+        try:
+            return int(AutoConfig.from_pretrained(m.init_from, trust_remote_code=True).n_positions)
+        except OSError as e:
+            raise RecipeError(
+                f"init_from={m.init_from!r}: not 'scratch', 'resume', an OpenAI GPT-2 name, a local model directory, "
+                f"or a reachable Hub repo ({e.__class__.__name__}: {e})"
+            ) from None
 
     def _build_model(self, resume_dir: Path | None):
         from .configuration_gpt2_accel import GPT2AccelConfig
@@ -389,19 +415,16 @@ class Trainer:
         from .evaluation import evaluate_loss
 
         t = self.recipe.training
+        out: dict[str, Any] = {"step": self.state.step}
         self.model_engine.eval()
-        res = evaluate_loss(
-            self.model_engine,
-            self.eval_windows,
-            batch_size=t.per_device_eval_batch_size,
-            accelerator=self.accelerator,
-        )
-        out = {
-            "step": self.state.step,
-            "val_loss": res["loss"],
-            "val_ppl": res["perplexity"],
-            "val_tokens": res["tokens"],
-        }
+        if self.has_eval:
+            res = evaluate_loss(
+                self.model_engine,
+                self.eval_windows,
+                batch_size=t.per_device_eval_batch_size,
+                accelerator=self.accelerator,
+            )
+            out.update(val_loss=res["loss"], val_ppl=res["perplexity"], val_tokens=res["tokens"])
         if t.hellaswag_data:
             from .evaluation import load_hellaswag, score_hellaswag
 
@@ -417,8 +440,12 @@ class Trainer:
             )
             out.update(hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"], hellaswag_n=hs["n"])
         self.model_engine.train()
+        if len(out) == 1:  # nothing to evaluate
+            return out
         self.state.last_eval = out
-        if self.state.best_val_loss is None or out["val_loss"] < self.state.best_val_loss:
+        if "val_loss" in out and (
+            self.state.best_val_loss is None or out["val_loss"] < self.state.best_val_loss
+        ):
             self.state.best_val_loss, self.state.best_step = out["val_loss"], self.state.step
         if self.is_main:
             self.metrics.write(out)

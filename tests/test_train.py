@@ -178,7 +178,13 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "pre"
     # with a background data worker: it gets the group's SIGTERM too and must leave the handling to the trainer
-    args = ["--max_steps=10", "--logging_steps=1", "--save_steps=100", "--eval_steps=0", "--dataloader_num_workers=1"]
+    args = [
+        "--max_steps=10",
+        "--logging_steps=1",
+        "--save_steps=100",
+        "--eval_steps=0",
+        "--dataloader_num_workers=1",
+    ]
     _run(_launch_cmd(f"--output_dir={ref}", *args))
     # The training process itself (what `gpt2-accel train` runs, and what each rank of `accelerate launch` runs).
     # Accelerate's single-process launcher has no signal handler: it dies with the signal while its worker saves.
@@ -359,3 +365,28 @@ def test_a_failed_push_never_fails_training(tmp_path, monkeypatch, caplog):
     final = t.train()
     assert final["step"] == 2 and (tmp_path / "api" / "model.safetensors").is_file()
     assert "push to the Hub failed; the run is intact" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"dataset_name": "/no/such/corpus.jsonl"}, r"corpus.jsonl"),
+        ({"block_size": 64, "n_positions": 32}, r"block_size=64 is longer than the model's context"),
+        ({"init_from": "/no/such/model"}, r"init_from='/no/such/model'"),
+    ],
+)
+def test_bad_data_or_model_source_fails_before_the_model_is_built(tmp_path, monkeypatch, keys, message):
+    from gpt2_accel import trainer as trainer_module
+
+    def must_not_build(*a, **k):
+        raise AssertionError("the model was built before the recipe error was found")
+
+    monkeypatch.setattr(trainer_module.Trainer, "_build_model", must_not_build)
+    with pytest.raises((RecipeError, FileNotFoundError, ValueError), match=message):
+        _api_trainer(tmp_path, **keys).train()
+
+
+def test_no_validation_data_trains_without_evals(tmp_path):
+    t = _api_trainer(tmp_path, validation_split_percentage=0, eval_steps=2)
+    final = t.train()
+    assert final["step"] == 4 and "val_loss" not in final
