@@ -1,12 +1,21 @@
-"""Generation speed: our ``generate()`` with the KV cache vs full recomputation of the sequence at every token.
+"""Generation speed: KV-cache decoding vs full recomputation of the sequence at every token (issue 9: >= 10x).
 
-    python benchmarks/bench_generate.py                  # 6 layers, 384 wide, 16-token prompt, 256 new tokens
-    python benchmarks/bench_generate.py --quick          # tiny smoke run
+    python benchmarks/bench_generate.py                      # reference shape + GPT-2 124M shape, prompts 1 and 256
+    python benchmarks/bench_generate.py --shape ref --prompt 1 --threads 1
+    python benchmarks/bench_generate.py --quick              # tiny smoke run
 
-Full recomputation is nanoGPT's sampler style: each new token re-runs the whole (cropped) sequence through the
-model and keeps the last position's logits (already only the last position through the LM head, as nanoGPT does,
-so the comparison isolates the cache). Both decode greedily from the same prompt, so the tokens must match; the
-script checks it. The two run interleaved (cache, recompute, cache, ...) and the median per round is reported.
+Shapes (batch 1, 256 new greedy tokens): ``ref`` = issue 9's reference model (6 layers, 6 heads, 384 wide, vocab
+50257 padded to 50304) with 512 positions so that a 256-token prompt + 256 new tokens fit; ``124m`` = GPT-2 124M
+(12 layers, 12 heads, 768 wide, 1024 positions). Methods, interleaved in a rotating order every round:
+
+* ``recompute``: nanoGPT's sampler: crop the sequence to the context, run it all through the model, keep the last
+  position's logits (only that position goes through the LM head, as nanoGPT does), append the argmax.
+* ``cache-loop``: a minimal cached loop: the prompt once into a ``DynamicCache``, then one token per forward.
+* ``generate``: transformers' ``generate()`` on our model (greedy, cache): the loop above plus its per-token
+  machinery (logits processors, stopping criteria, input preparation).
+
+All three must produce the same tokens; the script checks it. Reported: median wall time and process CPU time (all
+threads; steadier on a shared host) per method, and the median of per-round ratios recompute / method.
 """
 
 from __future__ import annotations
@@ -15,24 +24,46 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from gpt2_accel.configuration_gpt2_accel import GPT2AccelConfig
 from gpt2_accel.modeling_gpt2_accel import GPT2AccelForCausalLM
 
+SHAPES = {  # n_layer, n_head, n_embd, n_positions
+    "ref": (6, 6, 384, 512),
+    "124m": (12, 12, 768, 1024),
+    "tiny": (2, 2, 64, 128),
+}
+
 
 @torch.no_grad()
-def generate_cached(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def generate_hf(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """transformers' generate() on our model: the prompt once, then one token per forward with the KV cache."""
     return model.generate(
         prompt,
+        attention_mask=torch.ones_like(prompt),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
         use_cache=True,
         pad_token_id=0,
     )
+
+
+@torch.no_grad()
+def generate_cache_loop(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The least Python per token: one forward of the new token against the cache, argmax, repeat."""
+    cache = DynamicCache(config=model.config)
+    out = [prompt]  # (B, T) then (B, 1) per new token
+    ids = prompt
+    for _ in range(new_tokens):
+        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits  # (B, 1, V)
+        ids = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        out.append(ids)
+    return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
@@ -46,78 +77,97 @@ def generate_recompute(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_to
     return ids
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n_layer", type=int, default=6)
-    p.add_argument("--n_head", type=int, default=6)
-    p.add_argument("--n_embd", type=int, default=384)
-    p.add_argument("--n_positions", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
-    p.add_argument("--new", type=int, default=256, help="new tokens to generate")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args(argv)
-    if a.quick:
-        a.n_layer, a.n_head, a.n_embd, a.n_positions, a.vocab, a.new, a.rounds = 2, 2, 64, 64, 512, 32, 2
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
+METHODS: dict[str, Callable] = {
+    "recompute": generate_recompute,
+    "cache-loop": generate_cache_loop,
+    "generate": generate_hf,
+}
+
+
+def build(shape: str, vocab: int) -> GPT2AccelForCausalLM:
+    n_layer, n_head, n_embd, n_positions = SHAPES[shape]
     config = GPT2AccelConfig(
-        vocab_size=a.vocab,
-        n_positions=a.n_positions,
-        n_embd=a.n_embd,
-        n_layer=a.n_layer,
-        n_head=a.n_head,
+        vocab_size=vocab,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
         dropout=0.0,
         bos_token_id=None,
         eos_token_id=None,
     )
     config._attn_implementation = "sdpa"
-    model = GPT2AccelForCausalLM(config).eval()
-    prompt = torch.randint(0, a.vocab, (a.batch, a.prompt), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    return GPT2AccelForCausalLM(config).eval()
 
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}; model "
-        f"{a.n_layer}L/{a.n_head}H/{a.n_embd}d ctx {a.n_positions}, vocab {a.vocab}; batch {a.batch}, "
-        f"prompt {a.prompt}, {a.new} new tokens, greedy"
-    )
-    out_c = generate_cached(model, prompt, 4)  # warm-up (allocator, BLAS threads)
-    out_r = generate_recompute(model, prompt, 4)
-    times: dict[str, list[float]] = {"kv-cache": [], "recompute": []}
-    cpu: dict[str, list[float]] = {
-        "kv-cache": [],
-        "recompute": [],
-    }  # process CPU time: steadier on a busy host
-    fns = {"kv-cache": generate_cached, "recompute": generate_recompute}
-    for r in range(a.rounds):
-        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+
+def run_case(model: GPT2AccelForCausalLM, prompt_len: int, new: int, rounds: int, methods: list[str]) -> dict:
+    """Interleaved rounds of every method; returns {method: (median wall, median cpu, median speed-up)}."""
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    outs = {m: METHODS[m](model, prompt, 4) for m in methods}  # warm-up (allocator, BLAS threads)
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(rounds):
+        for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
             t0, c0 = time.perf_counter(), time.process_time()
-            out = fns[name](model, prompt, a.new)
-            times[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-            if name == "kv-cache":
-                out_c = out
-            else:
-                out_r = out
+            outs[m] = METHODS[m](model, prompt, new)
+            wall[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.process_time() - c0)
         print(
-            f"round {r + 1}/{a.rounds} (load {os.getloadavg()[0]:.2f}): "
-            + "  ".join(f"{n} {t[-1]:.2f} s (cpu {cpu[n][-1]:.2f} s)" for n, t in times.items())
+            f"  round {r + 1}/{rounds} (load {os.getloadavg()[0]:.2f}): "
+            + "  ".join(f"{m} {wall[m][-1]:.2f} s (cpu {cpu[m][-1]:.2f})" for m in methods)
         )
-    same = torch.equal(out_c, out_r)
-    n_tok = a.new * a.batch
-    med = {n: statistics.median(t) for n, t in times.items()}
-    ratios = [r_ / c_ for c_, r_ in zip(times["kv-cache"], times["recompute"], strict=True)]
-    for n, t in times.items():
-        print(
-            f"{n:<10} {n_tok / med[n]:8.1f} tokens/s  (median {med[n]:.2f} s, min {min(t):.2f}, max {max(t):.2f})"
+    ref = outs[methods[0]]
+    same = all(torch.equal(o, ref) for o in outs.values())
+    res = {}
+    for m in methods:
+        sw = (
+            statistics.median(a / b for a, b in zip(wall["recompute"], wall[m], strict=True))
+            if "recompute" in wall
+            else float("nan")
         )
-    print(
-        f"speed-up of the KV cache: {statistics.median(ratios):.1f}x (per-round {', '.join(f'{x:.1f}' for x in ratios)})"
-    )
-    print(f"greedy tokens identical: {same}")
-    return 0 if same else 1
+        sc = (
+            statistics.median(a / b for a, b in zip(cpu["recompute"], cpu[m], strict=True))
+            if "recompute" in cpu
+            else float("nan")
+        )
+        res[m] = (statistics.median(wall[m]), statistics.median(cpu[m]), sw, sc)
+    res["identical"] = same
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="ref,124m", help="comma-separated: ref, 124m, tiny")
+    p.add_argument("--prompt", default="1,256", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--new", type=int, default=256, help="new tokens to generate")
+    p.add_argument("--vocab", type=int, default=50257, help="vocab_size (padded to a multiple of 64)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to run")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.shape, a.prompt, a.vocab, a.new, a.rounds, a.threads = "tiny", "1,16", 500, 32, 2, "1"
+    methods = a.methods.split(",")
+    ok = True
+    print(f"torch {torch.__version__}, load {os.getloadavg()[0]:.2f}; batch 1, {a.new} new greedy tokens")
+    for shape in a.shape.split(","):
+        model = build(shape, a.vocab)
+        for threads in (int(t) for t in a.threads.split(",")):
+            torch.set_num_threads(threads)
+            for prompt_len in (int(x) for x in a.prompt.split(",")):
+                print(f"{shape} {SHAPES[shape]} vocab {a.vocab}, {threads} thread(s), prompt {prompt_len}:")
+                res = run_case(model, prompt_len, a.new, a.rounds, methods)
+                ok &= res.pop("identical")
+                for m, (w, c, sw, sc) in res.items():
+                    print(
+                        f"  {m:<11}{a.new / w:8.1f} tokens/s  wall {w:6.2f} s  cpu {c:6.2f} s  "
+                        f"speed-up vs recompute: wall {sw:5.1f}x  cpu {sc:5.1f}x"
+                    )
+    print(f"greedy tokens identical across methods: {ok}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

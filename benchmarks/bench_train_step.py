@@ -50,7 +50,7 @@ def matmul_ceiling(n: int = 1024, seconds: float = 1.0) -> float:
 
 def ours(cfg: dict, vocab_size: int | None = None, pad_multiple: int = 64) -> nn.Module:
     config = GPT2AccelConfig(
-        vocab_size=vocab_size or cfg["vocab"],
+        vocab_size=vocab_size or cfg["our_vocab"],
         n_positions=cfg["T"],
         n_embd=cfg["d"],
         n_layer=cfg["L"],
@@ -81,9 +81,16 @@ def hf(cfg: dict) -> nn.Module:
 
 
 def make_step(
-    model: nn.Module, kind: str, *, fused: bool = True, clip: bool = True, compile_: bool = False
+    model: nn.Module,
+    kind: str,
+    *,
+    fused: bool = True,
+    clip: bool = True,
+    compile_: bool = False,
+    skip_logits: bool = True,
 ) -> Callable:
-    """One optimizer step on a (B, T + 1) batch: forward, loss, backward, clip, AdamW, zero_grad."""
+    """One optimizer step on a (B, T + 1) batch: forward, loss, backward, clip, AdamW, zero_grad. Ours passes
+    ``skip_logits`` (the chunked LM head + loss, what the trainer passes) unless told not to."""
     model.train()
     opt_kw = {"fused": True} if fused else {"foreach": True}
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), **opt_kw)
@@ -95,7 +102,9 @@ def make_step(
         if kind == "hf":
             loss = fwd(input_ids=x, labels=x).loss  # transformers shifts labels itself (T - 1 targets)
         else:
-            loss = fwd(input_ids=x, shift_labels=batch[:, 1:], use_cache=False).loss  # T aligned targets
+            loss = fwd(  # T aligned targets
+                input_ids=x, shift_labels=batch[:, 1:], use_cache=False, skip_logits=skip_logits
+            ).loss
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -213,30 +222,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny config, 2 rounds (a smoke test)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    cfg = {"L": 6, "H": 6, "d": 384, "T": 256, "B": 8, "vocab": 50304}
+    # HF GPT-2 gets vocab 50304; ours gets GPT-2's 50257 padded to 50304 (pad_vocab_size_multiple 64), as the
+    # GPT-2 BPE recipes train it: the same matmul shapes, plus our cut back to the 50257 real ids.
+    cfg = {"L": 6, "H": 6, "d": 384, "T": 256, "B": 8, "vocab": 50304, "our_vocab": 50257}
     if a.quick:
-        cfg, a.rounds = {"L": 2, "H": 2, "d": 64, "T": 64, "B": 2, "vocab": 512}, 2
+        cfg, a.rounds = {"L": 2, "H": 2, "d": 64, "T": 64, "B": 2, "vocab": 512, "our_vocab": 500}, 2
 
     if a.components:
         components(cfg, max(a.rounds, 5))
         return 0
     torch.manual_seed(0)
-    variants: dict[str, Callable] = {"hf": make_step(hf(cfg), "hf"), "ours": make_step(ours(cfg), "ours")}
+    variants: dict[str, Callable] = {
+        "hf": make_step(hf(cfg), "hf"),
+        "ours": make_step(ours(cfg), "ours"),  # vocab 50257 padded to 50304, skip_logits (the trainer's call)
+        "ours-logits": make_step(ours(cfg), "ours", skip_logits=False),  # full logits, sliced, then the loss
+    }
     if a.ablate:
         variants["ours-foreach"] = make_step(ours(cfg), "ours", fused=False)
         variants["hf-foreach"] = make_step(hf(cfg), "hf", fused=False)
         variants["ours-noclip"] = make_step(ours(cfg), "ours", clip=False)
-        # vocab 50257 padded to 50304 (what a GPT-2 BPE recipe trains): logits are cut to 50257 -> a copy.
-        variants["ours-v50257"] = make_step(ours(cfg, vocab_size=50257), "ours")
-        variants["ours-v50257-nopad"] = make_step(ours(cfg, vocab_size=50257, pad_multiple=1), "ours")
+        # vocab 50304 itself (nothing cut off), and 50257 unpadded, both through the full-logits path.
+        variants["ours-v50304-logits"] = make_step(ours(cfg, vocab_size=cfg["vocab"]), "ours", skip_logits=False)
+        variants["ours-nopad-logits"] = make_step(ours(cfg, pad_multiple=1), "ours", skip_logits=False)
     if a.compile:
         variants["ours-compile"] = make_step(ours(cfg), "ours", compile_=True)
+        variants["ours-logits-compile"] = make_step(ours(cfg), "ours", compile_=True, skip_logits=False)
     if a.only:
         keep = a.only.split(",")
         variants = {k: v for k, v in variants.items() if k in keep}
 
     g = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, min(cfg["vocab"], 50257), (cfg["B"], cfg["T"] + 1), generator=g)
+    batch = torch.randint(0, cfg["our_vocab"], (cfg["B"], cfg["T"] + 1), generator=g)
     n_params = sum(p.numel() for p in ours(cfg).parameters()) - cfg["T"] * cfg["d"]  # minus wpe
     fpt = flops_per_token(n_params, cfg["L"], cfg["d"], cfg["T"])
     tokens = cfg["B"] * cfg["T"]

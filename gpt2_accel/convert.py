@@ -71,7 +71,7 @@ def _load_hf_gpt2(source: str | os.PathLike):
         raise OSError(
             f"cannot load GPT-2 {str(source)!r}: it is not a local directory and {why}. Converting a Hub model "
             f"(e.g. {', '.join(_HUB_MODELS)}) needs the Hugging Face Hub or its files in the local cache; without "
-            "network, download it elsewhere (`huggingface-cli download gpt2 --local-dir gpt2`) and pass that directory"
+            "network, download it elsewhere (`hf download gpt2 --local-dir gpt2`) and pass that directory"
         ) from e
 
 

@@ -26,11 +26,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .trainer import Trainer
 
+    trainer = Trainer(recipe)
     try:
-        Trainer(recipe).train()
-    except RecipeError as e:
+        # Set-up errors are the user's to fix (a missing file, a bad column, an unreachable model): one clear line,
+        # no traceback. Errors once training runs keep their traceback.
+        trainer.setup()
+    except (RecipeError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    trainer.train()
     return 0
 
 

@@ -82,6 +82,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     # set-up
     # ------------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Build everything (accelerator, data, model, optimizer; resume state). ``train()`` calls it too."""
+        self._setup()
+
     def _setup(self) -> None:
         if self._built:
             return
