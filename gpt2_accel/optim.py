@@ -18,7 +18,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            ndim = len(getattr(p, "ds_shape", p.shape))  # DeepSpeed ZeRO-3 partitions params into 1-D placeholders
+            # DeepSpeed ZeRO-3 partitions parameters into 1-D placeholders; ds_shape keeps the real shape
+            ndim = len(getattr(p, "ds_shape", p.shape))
             (decay if ndim >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
