@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=50257, help="vocab_size (padded to a multiple of 64)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to run")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+    )
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     if a.quick:

@@ -1,13 +1,16 @@
 """Our training step vs transformers' GPT2LMHeadModel on the same config, interleaved in one process.
 
-    python benchmarks/bench_train_step.py                       # ours (eager) vs HF GPT-2 (sdpa), 5 rounds
+    python benchmarks/bench_train_step.py                       # ours, ours-logits vs HF GPT-2 (sdpa), 5 rounds
+    python benchmarks/bench_train_step.py --threads 1           # steadiest comparison on a busy host
     python benchmarks/bench_train_step.py --compile             # + ours under torch.compile (cold compile ~1 min)
+    python benchmarks/bench_train_step.py --components          # single pieces (LM head + loss, chunk rows, GELU)
     python benchmarks/bench_train_step.py --ablate              # + variants that isolate one choice each
     python benchmarks/bench_train_step.py --trainer             # + the full Trainer loop on the same config
     python benchmarks/bench_train_step.py --quick               # tiny smoke run (seconds)
 
 Default config (the reference of issue 9 on a 2-core CPU): 6 layers, 6 heads, 384 wide, 256 context, batch 8,
-vocabulary 50304, fp32, dropout 0. One step = forward + loss + backward + clip_grad_norm(1.0) + fused AdamW +
+fp32, dropout 0; HF GPT-2 at vocabulary 50304, ours at GPT-2's 50257 padded to 50304. ``ours`` calls the model with
+``skip_logits=True`` (chunked LM head + loss, as the trainer does), ``ours-logits`` without. One step = forward + loss + backward + clip_grad_norm(1.0) + fused AdamW +
 zero_grad, i.e. what the trainer does per optimizer step. Every variant runs ``--steps`` steps per round, in a
 rotating order each round (A B C, B C A, ...), so slow phases of a shared machine hit all of them alike; the
 figure per variant is the median over rounds of its per-round median, and ratios are medians of per-round ratios.
@@ -156,6 +159,8 @@ def components(cfg: dict, rounds: int) -> None:
     import torch.nn.functional as F
     from transformers.activations import NewGELUActivation
 
+    from gpt2_accel.modeling_gpt2_accel import chunked_linear_cross_entropy
+
     B, T, d, V = cfg["B"], cfg["T"], cfg["d"], 50304  # the padded GPT-2 vocabulary even with --quick
     g = torch.Generator().manual_seed(0)
     h = torch.randn(B * T, 4 * d, generator=g, requires_grad=True)  # MLP hidden (B*T, 4C)
@@ -166,11 +171,22 @@ def components(cfg: dict, rounds: int) -> None:
     w = (0.02 * torch.randn(V, d, generator=g)).requires_grad_()  # tied LM head / wte (V_pad, C)
 
     def run(fn) -> float:
+        x.grad = w.grad = h.grad = logits_pad.grad = None
         c0 = time.process_time()
         fn().sum().backward()
         return time.process_time() - c0
 
+    def fused(rows: int) -> Callable:
+        return lambda: chunked_linear_cross_entropy(x, w, tgt, 50257, rows)
+
     pairs = {
+        "LM head + loss, vocab 50257 padded: skip_logits chunked, 512 rows (ours) | logits, slice, cross_entropy": (
+            fused(512),
+            lambda: F.cross_entropy(F.linear(x, w)[:, :50257].reshape(-1, 50257), tgt),
+        ),
+        "skip_logits chunk rows: 512 | 1024": (fused(512), fused(1024)),
+        "skip_logits chunk rows: 512 | 2048": (fused(512), fused(2048)),
+        "skip_logits chunk rows: 512 | 256": (fused(512), fused(256)),
         "GELU tanh: F.gelu (ours) | transformers NewGELUActivation (HF GPT-2)": (
             lambda: F.gelu(h, approximate="tanh"),
             lambda: hf_gelu(h),
@@ -242,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         variants["hf-foreach"] = make_step(hf(cfg), "hf", fused=False)
         variants["ours-noclip"] = make_step(ours(cfg), "ours", clip=False)
         # vocab 50304 itself (nothing cut off), and 50257 unpadded, both through the full-logits path.
-        variants["ours-v50304-logits"] = make_step(ours(cfg, vocab_size=cfg["vocab"]), "ours", skip_logits=False)
+        variants["ours-v50304-logits"] = make_step(
+            ours(cfg, vocab_size=cfg["vocab"]), "ours", skip_logits=False
+        )
         variants["ours-nopad-logits"] = make_step(ours(cfg, pad_multiple=1), "ours", skip_logits=False)
     if a.compile:
         variants["ours-compile"] = make_step(ours(cfg), "ours", compile_=True)

@@ -307,6 +307,8 @@ def causal_attention(
     if kind == "SM" and implementation == "sdpa":
         if attention_mask is None and t_q == t_k:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if attention_mask is None and t_q == 1:  # one decoded token sees every cached key: no mask to build
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         if attention_mask is None:
             attention_mask = _causal_mask(t_q, t_k, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout_p)

@@ -206,7 +206,11 @@ def run_bench(
                 else contextlib.nullcontext()
             )
             with ctx:
-                loss = fwd(input_ids=batch[:, :-1], shift_labels=batch[:, 1:], use_cache=False).loss / ga
+                # skip_logits: the chunked LM head + loss, no (B, T, V) logits (what the trainer passes)
+                out = fwd(
+                    input_ids=batch[:, :-1], shift_labels=batch[:, 1:], use_cache=False, skip_logits=True
+                )
+                loss = out.loss / ga
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()
         if scaler:

@@ -248,13 +248,13 @@ def _attention_mask(attention_mask: torch.Tensor | None, t_q: int, t_k: int, dev
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``h @ weight[:vocab_size].T`` without materialising the (N, V) logits.
 
-    Forward walks ``chunk_rows`` rows at a time: logits of the chunk, log-softmax, the loss terms, and (the loss
-    being a scalar) the chunk's gradients right away: dlogits = softmax - onehot, then dh = dlogits @ W and
+    Forward walks ``chunk_rows`` rows at a time: the chunk's logits, their softmax, the loss terms, and (the loss
+    being a scalar) the chunk's gradients right away: dlogits = softmax - onehot, dh = dlogits @ W and
     dW += dlogits^T @ h. Only dh (N, C) and dW (V_padded, C) are kept for backward, which scales them by the
-    incoming gradient. The same idea as Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024,
-    arXiv:2410.10989), written here for the padded, tied GPT-2 head. Rows whose target is -100 count nowhere;
-    the padded weight rows (>= vocab_size) are outside the normaliser and get a zero gradient, so the loss and
-    gradients equal those of the unpadded model.
+    incoming gradient. The idea of Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024, arXiv:2410.10989),
+    written here for the padded, tied GPT-2 head. Rows whose target is -100 count nowhere; the padded weight rows
+    (>= vocab_size) are outside the normaliser and get a zero gradient, so the loss and gradients equal those of
+    the unpadded model.
     """
 
     @staticmethod
@@ -262,36 +262,53 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # h (N, C), weight (V_padded, C), targets (N,) with -100 = ignore
         dev = h.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # matmul dtype
+        N, V = h.size(0), vocab_size
         with torch.autocast(dev, enabled=False):
-            w = weight[:vocab_size].to(cdt)  # (V, C): rows of a contiguous matrix, a view in full precision
+            w = weight[:V].to(cdt)  # (V, C): the real rows; a view when no cast is needed
             valid = targets != -100  # (N,)
-            n_valid = valid.sum()
-            # 1/n_valid on real rows, 0 on ignored ones; folded into the (N, C)-sized products instead of a pass
-            # over the (rows, V) chunk. No targets at all: 0/0 = nan, as F.cross_entropy gives.
-            scale = valid.to(torch.float32) / n_valid  # (N,)
-            tgt = targets.masked_fill(~valid, 0)  # (N,) any in-range id for ignored rows (their scale is 0)
+            # 1/n_valid on real rows, 0 on ignored ones, applied to (rows, C)-sized products, never to a
+            # (rows, V) chunk. No target at all: 0/0 = nan, as F.cross_entropy gives.
+            scale = valid.to(torch.float32) / valid.sum()  # (N,)
+            tgt = targets.masked_fill(~valid, 0)  # (N,) any real id for ignored rows: their scale is 0
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             dh = torch.empty_like(h) if need_grad[0] else None  # (N, C)
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad[1] else None
-            for s in range(0, h.size(0), chunk_rows):
+            # Logits are computed transposed, (V, rows) = W @ h_c^T: on CPU (MKL) this product runs ~1.3x faster
+            # than h_c @ W^T, and with the softmax as column reductions the whole chunk is ~10% faster
+            # (benchmarks/bench_train_step.py --components). One buffer serves every chunk (no page faults).
+            buf = torch.empty(V * min(chunk_rows, N), dtype=torch.float32, device=h.device)
+            for s in range(0, N, chunk_rows):
                 h_c = h[s : s + chunk_rows].to(cdt)  # (n, C)
                 t_c, k_c = tgt[s : s + chunk_rows], scale[s : s + chunk_rows]  # (n,)
-                logp = torch.log_softmax((h_c @ w.T).float(), dim=-1)  # (n, V) fp32
-                rows = torch.arange(h_c.size(0), device=h.device)
-                loss -= (logp[rows, t_c] * k_c).sum()
+                n = h_c.size(0)
+                cols = torch.arange(n, device=h.device)
+                z = buf[: V * n].view(V, n)  # (V, n)
+                if cdt == torch.float32:
+                    torch.mm(w, h_c.T, out=z)
+                else:  # low-precision matmul, fp32 softmax (the chunk is upcast, never the whole logits)
+                    z.copy_(w @ h_c.T)
+                z_t = z[t_c, cols]  # (n,) logit of each target
+                m = z.amax(dim=0)  # (n,) column max, for a stable exp
+                e = z.sub_(m).exp_()  # (V, n) exp(z - m), in place
+                ssum = e.sum(dim=0)  # (n,)
+                loss += ((ssum.log() + m - z_t) * k_c).sum()  # sum of scaled -log softmax[target]
                 if dh is None and dw is None:
                     continue
-                g = logp.exp_()  # softmax, in place (n, V)
-                g[rows, t_c] -= 1.0  # softmax - onehot: the gradient of the summed loss (still unscaled)
-                g = g.to(cdt)
+                # dlogits^T = e / ssum - onehot; both terms are applied through (n, C) products so the (V, n)
+                # chunk is never touched again: d = (e^T W) / ssum - W[target], dW += e (h / ssum) - onehot^T h.
+                p_k = k_c / ssum  # (n,) row scale of the softmax term
+                e = e.to(cdt)
                 if dh is not None:
-                    dh[s : s + chunk_rows] = (g @ w).float().mul_(k_c[:, None])  # (n, C)
+                    d = (e.T @ w).float().mul_(p_k[:, None])  # (n, C)
+                    d -= w[t_c].float() * k_c[:, None]
+                    dh[s : s + chunk_rows] = d
                 if dw is not None:
-                    hk = (h_c.float() * k_c[:, None]).to(cdt)  # (n, C) the row scales, on the small side
+                    hp = (h_c.float() * p_k[:, None]).to(cdt)  # (n, C)
                     if cdt == torch.float32:
-                        dw[:vocab_size].addmm_(g.T, hk)  # (V, C) += (V, n) @ (n, C)
+                        dw[:V].addmm_(e, hp)  # (V, C) += (V, n) @ (n, C)
                     else:
-                        dw[:vocab_size] += (g.T @ hk).float()
+                        dw[:V] += (e @ hp).float()
+                    dw.index_add_(0, t_c, h_c.float() * -k_c[:, None])  # the -onehot term
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (h.dtype, weight.dtype)
         return loss
@@ -325,9 +342,9 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = GPT2AccelModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # Rows of hidden states per chunk of the skip_logits loss: the (rows, vocab) fp32 chunk is 205 MB at
-        # 1024 x 50257. Tuned on CPU with benchmarks/bench_train_step.py --components.
-        self.loss_chunk_rows = 1024
+        # Rows of hidden states per chunk of the skip_logits loss; its (vocab, rows) fp32 buffer is 103 MB at
+        # 512 x 50257. 512-2048 were within 4% on CPU (docs/performance.md); smaller saves memory on GPUs.
+        self.loss_chunk_rows = 512
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -379,9 +396,12 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
             h = h[:, -logits_to_keep:]  # generation only needs the last position's logits
         loss = logits = None
         if labels is not None and shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T): target of position t is label t+1
+            # (B, T): the target of position t is label t + 1
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
         if skip_logits:
-            # self.lm_head.weight is read here, inside forward, so FSDP/ZeRO-3 gather hooks have run for it.
+            # The weight is read here, inside forward, where FSDP2's root pre-forward hook has unsharded it. lm_head
+            # itself is not called: it must not be its own FSDP unit, and ZeRO-3 must be told it is used here
+            # (deepspeed.zero.register_external_parameter); see docs/performance.md.
             loss = chunked_linear_cross_entropy(
                 h, self.lm_head.weight, shift_labels, self.config.vocab_size, self.loss_chunk_rows
             )

@@ -189,6 +189,11 @@ class Trainer:
 
         self.model = self._build_model(resume_dir)
         cfg = self.model.config
+        # The chunked LM head + loss never materialises the (B*T, vocab) logits (modeling: skip_logits). It reads
+        # the tied weight inside forward, which ZeRO-3 and FSDP would have re-sharded after the embedding ran.
+        sharded = self._deepspeed and acc.state.deepspeed_plugin.zero_stage == 3
+        sharded |= dist == DistributedType.FSDP
+        self.skip_logits = not sharded
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise RecipeError(
                 f"tokenizer {r.data.tokenizer_name!r} has {self.tokenizer.vocab_size} tokens but the model's "
@@ -493,7 +498,12 @@ class Trainer:
             for _ in range(ga):
                 batch = next(data_iter).to(acc.device, non_blocking=True)  # (B, T + 1)
                 with acc.accumulate(model):
-                    out = model(input_ids=batch[:, :-1], shift_labels=batch[:, 1:], use_cache=False)
+                    out = model(
+                        input_ids=batch[:, :-1],
+                        shift_labels=batch[:, 1:],
+                        use_cache=False,
+                        skip_logits=self.skip_logits,
+                    )
                     acc.backward(out.loss)
                     step_loss += out.loss.detach() / ga
                     if acc.sync_gradients:

@@ -88,3 +88,16 @@ def test_bench_real_data_goes_through_the_pipeline(tmp_path, capsys):
     assert r["tokens_per_step"] == 2 * 32
     # A random init predicts ~uniformly over 50257 tokens: real text gives a loss near ln(50257) = 10.8.
     assert 9.5 < r["final_loss"] < 12.0
+
+
+def test_generation_benchmark_methods_agree(capsys):
+    # benchmarks/bench_generate.py: the cached loop, generate() and nanoGPT-style recomputation must decode the
+    # same greedy tokens, or its speed-ups compare different work.
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick", "--rounds", "1"]) == 0
+    assert "greedy tokens identical across methods: True" in capsys.readouterr().out

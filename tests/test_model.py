@@ -423,3 +423,103 @@ def test_torch_compile_matches_eager():
         eager = model(x, use_cache=False).logits
         fast = compiled(x, use_cache=False).logits
     torch.testing.assert_close(fast, eager, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ skip_logits: chunked LM head + loss
+
+
+def _loss_and_grads(model: GPT2AccelForCausalLM, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _targets_with_ignored_rows(x: torch.Tensor, vocab: int) -> torch.Tensor:
+    t = ids(*x.shape, vocab=vocab, seed=7)  # (B, T) aligned targets
+    t[0, :4] = -100  # a masked prompt
+    t[-1, -1] = -100
+    return t
+
+
+@pytest.mark.parametrize("chunk", [7, 1024])  # B*T = 39: chunks of 7 leave a partial one; 1024 = one chunk
+def test_skip_logits_gives_the_loss_and_grads_of_the_logits_path(chunk):
+    # vocab 100 padded to 128: the padded rows must stay out of the normaliser and get no gradient.
+    model = tiny_model(vocab_size=100, pad_vocab_size_multiple=64, dropout=0.0).train()
+    assert model.lm_head.weight.shape[0] == 128 and model.lm_head.weight is model.transformer.wte.weight
+    model.loss_chunk_rows = chunk
+    x = ids(3, 13, vocab=100)
+    t = _targets_with_ignored_rows(x, 100)
+    ref_loss, ref_grads = _loss_and_grads(model, input_ids=x, shift_labels=t)
+    out = model(input_ids=x, shift_labels=t, skip_logits=True)
+    assert out.logits is None
+    loss, grads = _loss_and_grads(model, input_ids=x, shift_labels=t, skip_logits=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name, g in ref_grads.items():  # the tied wte/lm_head weight gets both of its gradient terms
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    # A padded id is never a target nor predicted: no gradient reaches its embedding row.
+    assert grads["transformer.wte.weight"][100:].abs().max() == 0
+    # HF-style labels (shifted inside) take the same route.
+    torch.testing.assert_close(
+        model(input_ids=x, labels=x, skip_logits=True).loss,
+        model(input_ids=x, labels=x).loss,
+        rtol=1e-6,
+        atol=0,
+    )
+
+
+def test_skip_logits_equals_the_unpadded_model():
+    padded = tiny_model(vocab_size=100, pad_vocab_size_multiple=64)
+    unpadded = tiny_model(vocab_size=100, pad_vocab_size_multiple=1)
+    with torch.no_grad():
+        for p, q in zip(padded.parameters(), unpadded.parameters(), strict=True):
+            q.copy_(p[: q.shape[0]] if p.shape != q.shape else p)
+    x = ids(2, 12, vocab=100)
+    t = _targets_with_ignored_rows(x, 100)
+    with torch.no_grad():
+        ref = unpadded(input_ids=x, shift_labels=t).loss
+        torch.testing.assert_close(
+            padded(input_ids=x, shift_labels=t, skip_logits=True).loss, ref, rtol=1e-6, atol=0
+        )
+
+
+def test_skip_logits_without_targets_says_what_to_pass():
+    with pytest.raises(
+        ValueError, match="skip_logits=True returns only the loss: pass labels or shift_labels"
+    ):
+        tiny_model()(ids(), skip_logits=True)
+
+
+def test_skip_logits_with_gradient_checkpointing_and_bf16_autocast():
+    model = tiny_model(dropout=0.0).train()
+    model.loss_chunk_rows = 5
+    x = ids()
+    ref_loss, ref_grads = _loss_and_grads(model, input_ids=x, labels=x)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss, grads = _loss_and_grads(model, input_ids=x, labels=x, skip_logits=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    # bf16 autocast: bf16 matmuls, fp32 softmax; the same loss and gradients as the logits path to bf16 accuracy.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = _loss_and_grads(model, input_ids=x, labels=x)
+        loss, grads = _loss_and_grads(model, input_ids=x, labels=x, skip_logits=True)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=0)
+    for name, g in ref_grads.items():
+        assert g.dtype == grads[name].dtype == torch.float32
+        assert (grads[name] - g).norm() <= 0.05 * g.norm() + 1e-6, name
+
+
+@pytest.mark.slow
+def test_skip_logits_under_torch_compile_matches_eager():
+    model = tiny_model(vocab_size=100, dropout=0.0).train()
+    model.loss_chunk_rows = 16  # B*T = 24: a full and a partial chunk
+    x = ids(2, 12, vocab=100)
+    t = _targets_with_ignored_rows(x, 100)
+    ref_loss, ref_grads = _loss_and_grads(model, input_ids=x, shift_labels=t, skip_logits=True)
+    compiled = torch.compile(model, dynamic=False)
+    loss, grads = _loss_and_grads(compiled, input_ids=x, shift_labels=t, skip_logits=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name, g in ref_grads.items():  # the compiled wrapper names them _orig_mod.<name>
+        torch.testing.assert_close(grads["_orig_mod." + name], g, rtol=1e-4, atol=1e-6, msg=name)
