@@ -111,6 +111,10 @@ class Trainer:
             cpu=wants_cpu(self.launch),  # multi-process gloo on CPU (see parallel.wants_cpu)
         )
         self._check_world(acc)
+        if acc.device.type == "cuda":
+            # fp32 matmuls on tensor cores (tf32), as nanoGPT does; bf16/fp16 runs are unaffected
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.is_main = acc.is_main_process
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         if not self.is_main:
