@@ -243,14 +243,22 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.output_dir / "recipe.yaml", self.recipe.to_yaml())
         if log_with:
-            # wandb's files live with the run, not in cwd
-            os.environ.setdefault("WANDB_DIR", str(self.output_dir))
             # trackers take scalars only (tensorboard's hparams refuse None and lists)
             hparams = {
                 k: v if isinstance(v, int | float | str | bool) else str(v)
                 for k, v in self.recipe.flat().items()
             }
-            acc.init_trackers(t.run_name or self.output_dir.name, config=hparams)
+            # wandb's files live with the run, not in the working directory (unless WANDB_DIR says otherwise)
+            init_kwargs = {"wandb": {"dir": os.environ.get("WANDB_DIR", str(self.output_dir))}}
+            try:
+                acc.init_trackers(t.run_name or self.output_dir.name, config=hparams, init_kwargs=init_kwargs)
+            except Exception as e:
+                if "wandb" in log_with and "api key" in str(e).lower():
+                    raise RecipeError(
+                        "report_to includes wandb but wandb has no API key: run `wandb login`, set WANDB_API_KEY, "
+                        "or set WANDB_MODE=offline to log locally (sync later with `wandb sync`)"
+                    ) from None
+                raise
         self._built = True
 
     def _check_world(self, acc) -> None:

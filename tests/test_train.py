@@ -318,9 +318,7 @@ def test_trackers_tensorboard_and_wandb_offline(tmp_path):
     _run(_launch_cmd(f"--output_dir={run}", "--max_steps=2", "--logging_steps=1", "--eval_steps=2",
                      "--report_to=tensorboard,wandb", "--save_steps=0"))  # fmt: skip
     assert list(run.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
-    assert list(run.rglob("*.wandb")) or list(Path(ROOT / "wandb").glob("offline-run-*")), (
-        "no offline wandb run"
-    )
+    assert list(run.rglob("offline-run-*")), "no offline wandb run in the run directory"
 
 
 @pytest.mark.slow
