@@ -23,7 +23,7 @@ def resolve_model_path(model: str) -> str:
     """A run directory without a final model resolves to its newest committed checkpoint's ``model/``."""
     path = Path(model)
     if path.is_dir() and not (path / "config.json").is_file():
-        from .hub import latest_checkpoint
+        from .checkpoint import latest_checkpoint
 
         ckpt = latest_checkpoint(path)
         if ckpt is not None and (ckpt / "model" / "config.json").is_file():
