@@ -116,7 +116,6 @@ class GPT2AccelPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]  # noqa: RUF012
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_cache_class = True
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -423,7 +422,3 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
         )
-
-    def num_parameters_nonembedding(self) -> int:
-        """Parameters excluding position embeddings (nanoGPT's convention for reporting model size)."""
-        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()

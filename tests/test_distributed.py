@@ -90,6 +90,18 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return proc
 
 
+def _wait_all(procs: list[subprocess.Popen]) -> list[str]:
+    """Wait for every process (each under the timeout), kill stragglers, assert they all succeeded."""
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=TIMEOUT)[0])
+        finally:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return outs
+
+
 def _losses(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
@@ -257,13 +269,7 @@ def test_two_machines_on_localhost_stay_in_sync(tokens, reference, tmp_path):
                          env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in (0, 1)
     ]  # fmt: skip
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=TIMEOUT)[0])
-        finally:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    outs = _wait_all(procs)
     assert "processes=2 machines=2" in outs[0]
     _assert_same_losses(_losses(run), _losses(reference))
     # the two machines end with the same weights (a checksum of every rank's replica, gathered at the end)
@@ -352,13 +358,7 @@ def _torch_dist(script: Path, world: int, *args: str) -> None:
                                   LOCAL_RANK=str(r)))
         for r in range(world)
     ]  # fmt: skip
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=TIMEOUT)[0])
-        finally:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    _wait_all(procs)
 
 
 def test_fsdp2_wrap_sharded_save_load_across_world_sizes_and_consolidation(tmp_path):
