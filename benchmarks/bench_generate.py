@@ -60,7 +60,7 @@ def generate_cache_loop(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_t
     out = [prompt]  # (B, T) then (B, 1) per new token
     ids = prompt
     for _ in range(new_tokens):
-        logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits  # (B, 1, V)
+        logits = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits  # (B, 1, V)
         ids = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         out.append(ids)
     return torch.cat(out, dim=1)

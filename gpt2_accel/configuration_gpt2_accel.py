@@ -47,7 +47,7 @@ class GPT2AccelConfig(PretrainedConfig):
     """
 
     model_type = "gpt2_accel"
-    keys_to_ignore_at_inference = ["past_key_values"]  # noqa: RUF012 (transformers API)
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # noqa: RUF012 (transformers API)
     attribute_map = {  # noqa: RUF012 (transformers API)
         "hidden_size": "n_embd",
         "num_attention_heads": "n_head",

@@ -9,6 +9,7 @@ Nothing here knows about training, data or distributed execution.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -27,6 +28,13 @@ try:  # transformers >= 5: init functions that skip weights already loaded from 
     from transformers import initialization as init
 except ImportError:  # pragma: no cover - older transformers
     from torch.nn import init
+
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`: generate() passes it to forward under
+# the new keyword and reads it back from the output's new field. This file runs under whatever transformers the
+# person loading a checkpoint has, so forward accepts both keywords and outputs use the installed field name.
+CACHE_FIELD = (
+    "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+)
 
 
 class GPT2AccelAttention(nn.Module):
@@ -49,15 +57,15 @@ class GPT2AccelAttention(nn.Module):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, n_embd
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, T_past + T, hs)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, T_past + T, hs)
         y = causal_attention(
             q,
             k,
@@ -100,9 +108,9 @@ class GPT2AccelBlock(GradientCheckpointingLayer):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attention_mask, past_key_values)  # (B, T, C)
+        x = x + self.attn(self.ln_1(x), attention_mask, cache)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -113,7 +121,7 @@ class GPT2AccelPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GPT2AccelBlock"]  # noqa: RUF012 -- a block must live on one device (accelerate's device_map)
-    _skip_keys_device_placement = ["past_key_values"]  # noqa: RUF012
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # noqa: RUF012
     _supports_sdpa = True
     _supports_flash_attn = False
 
@@ -166,24 +174,32 @@ class GPT2AccelModel(GPT2AccelPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
+        """``cache`` (transformers >= 5.24) and ``past_key_values`` (its older name) are the same KV cache."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # The backward replay of a checkpointed block would append the same keys to the cache a second time.
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if not use_cache:
-            past_key_values = None
+            cache = None
 
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         T = x.size(1)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         if past + T > self.config.n_positions:
             raise ValueError(
                 f"sequence of {past + T} tokens exceeds the model's context n_positions={self.config.n_positions}; "
@@ -199,19 +215,15 @@ class GPT2AccelModel(GPT2AccelPreTrainedModel):
         for block in self.h:
             if output_hidden_states:
                 all_hidden += (x,)
-            # The cache goes by keyword: under gradient checkpointing transformers drops it, so the backward replay
-            # cannot append the same keys twice.
-            x = block(x, mask, past_key_values=past_key_values)
+            x = block(x, mask, cache)
         x = self.ln_f(x)  # (B, T, C)
         if output_hidden_states:
             all_hidden += (x,)
 
         return_dict = return_dict if return_dict is not None else True
         if not return_dict:
-            return tuple(t for t in (x, past_key_values, all_hidden) if t is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=x, past_key_values=past_key_values, hidden_states=all_hidden
-        )
+            return tuple(t for t in (x, cache, all_hidden) if t is not None)
+        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=all_hidden, **{CACHE_FIELD: cache})
 
 
 def _attention_mask(attention_mask: torch.Tensor | None, t_q: int, t_k: int, device) -> torch.Tensor | None:
@@ -363,7 +375,7 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
@@ -372,6 +384,7 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         skip_logits: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """``labels`` follow transformers (shifted here; -100 is ignored). ``shift_labels`` are targets already
@@ -384,6 +397,7 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            cache=cache,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
@@ -415,10 +429,11 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
                 ignore_index=-100,
             )
         return_dict = return_dict if return_dict is not None else True
+        cache = getattr(out, CACHE_FIELD)
         if not return_dict:
-            rest = (logits, out.past_key_values, out.hidden_states)  # logits None under skip_logits: dropped
+            rest = (logits, cache, out.hidden_states)  # logits None under skip_logits: dropped
             rest = tuple(t for t in rest if t is not None)
             return (loss, *rest) if loss is not None else rest
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: cache}
         )

@@ -17,6 +17,7 @@ from conftest import tiny_model
 from gpt2_accel import GPT2AccelConfig, GPT2AccelForCausalLM
 from gpt2_accel import attention as attn_mod
 from gpt2_accel.attention import causal_attention
+from gpt2_accel.modeling_gpt2_accel import CACHE_FIELD
 from gpt2_accel.recipe import load_recipe
 
 VARIANTS = [
@@ -429,10 +430,10 @@ def test_cached_greedy_generation_equals_full_recompute(attn_type, monkeypatch):
     full = model(ids[1:]).logits  # (1, T, V)
     out = model(ids[1:, :3], use_cache=True)
     steps = [out.logits]
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_FIELD)
     for t in range(3, 6):
-        out = model(ids[1:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[1:, t : t + 1], cache=cache, use_cache=True)
+        cache = getattr(out, CACHE_FIELD)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     if attn_type == "GK" and attn_mod._FLASH_LSE is not None:
