@@ -8,8 +8,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_gpt2_accel import GPT2AccelConfig
 from .modeling_gpt2_accel import GPT2AccelForCausalLM, GPT2AccelModel
+from .versions import check_installed_versions
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+check_installed_versions()  # warns once per dependency outside the tested range; never fails
 
 AutoConfig.register(GPT2AccelConfig.model_type, GPT2AccelConfig, exist_ok=True)
 AutoModel.register(GPT2AccelConfig, GPT2AccelModel, exist_ok=True)

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import weakref
+from datetime import UTC
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -503,26 +504,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def save_results(output: str | Path, result: dict) -> Path:
-    """Write ``result`` as JSON with ``evaluate.save`` (offline; adds _timestamp, _git_commit_hash, Python and
-    evaluate versions). A path without a suffix is a directory: evaluate names the file result-<time>.json."""
-    import evaluate
+    """Write ``result`` as JSON (atomically) with when and with what it was computed.
 
-    try:
-        return Path(evaluate.save(str(output), **result))
-    except (
-        OSError
-    ):  # evaluate.save runs `git rev-parse`; without git on PATH, write the same fields ourselves
-        from datetime import datetime
+    The same fields ``evaluate.save`` wrote (_timestamp, _python_version) plus our version, without running git (which
+    printed "fatal: not a git repository" outside a checkout)."""
+    import platform
+    from datetime import datetime
 
-        out = Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "_timestamp": datetime.now().isoformat(),
-            "_git_commit_hash": None,
-            "_python_version": sys.version,
-        }
-        out.write_text(json.dumps({**result, **meta}), encoding="utf-8")
-        return out
+    from . import __version__
+    from .checkpoint import write_json
+
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "_timestamp": datetime.now(UTC).isoformat(),
+        "_python_version": platform.python_version(),
+        "_gpt2_accel_version": __version__,
+    }
+    write_json(out, {**result, **meta})
+    return out
 
 
 def _print_table(result: dict, keys: list[str]) -> None:

@@ -184,6 +184,10 @@ class TrainingArguments:
     )
     hub_private_repo: bool = _f(False, "Create the Hub repo private.")
     hub_token: str | None = _f(None, "Hub token; None = HF_TOKEN or `hf auth login`. Never logged or saved.")
+    log_level: str = _f(
+        "passive",
+        "Console log level: passive (= info), debug (adds third-party routine lines), info, warning, error.",
+    )
 
 
 SECTIONS: dict[str, type] = {"model": ModelArguments, "data": DataArguments, "training": TrainingArguments}
@@ -470,6 +474,9 @@ def validate(r: Recipe) -> None:
         t.hub_strategy in ("end", "every_save", "checkpoint"),
         f"hub_strategy must be 'end', 'every_save' or 'checkpoint', got {t.hub_strategy!r}",
     )
+    from .logs import LEVELS
+
+    _check(t.log_level in LEVELS, f"log_level must be one of {', '.join(LEVELS)}; got {t.log_level!r}")
     valid_trackers = {"none", "tensorboard", "wandb", "all"}
     bad = [x for x in t.report_to if x not in valid_trackers]
     _check(not bad, f"report_to has unknown tracker(s) {bad}; use any of {sorted(valid_trackers)}")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from .logs import quiet_save, setup_logging
 from .metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
 from .optim import build_optimizer, lr_at
 from .recipe import Recipe, RecipeError, build_recipe, load_recipe
@@ -116,9 +117,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.is_main = acc.is_main_process
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-        if not self.is_main:
-            logger.setLevel(logging.WARNING)
+        setup_logging(t.log_level, main_process=self.is_main)
         dist = acc.distributed_type
         logger.info(
             "launch: distributed_type=%s processes=%d machines=%s mixed_precision=%s device=%s",
@@ -423,7 +422,8 @@ class Trainer:
             model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
             _check_full_state_dict(state_dict, self.model)
             model.config.use_cache = True  # for the people who load it to generate
-            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+            with quiet_save():
+                model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
             model.config.use_cache = False
             self.tokenizer.save_pretrained(directory)
 
@@ -500,6 +500,12 @@ class Trainer:
         steps_since_log, t_log, loss_ema = 0, time.perf_counter(), None
         last_eval, last_save = None, None
         start_step = self.state.step
+        if start_step >= self.max_steps:
+            logger.info(
+                "already complete at step %d (max_steps=%d): nothing to do; raise max_steps to continue",
+                start_step,
+                self.max_steps,
+            )
 
         while self.state.step < self.max_steps:
             step = self.state.step

@@ -270,7 +270,7 @@ def test_cli_hellaswag_writes_json_next_to_the_model_and_prints_a_table(bpe_mode
     result = json.loads((model_dir / "eval_results_hellaswag.json").read_text())
     expected = score_hellaswag(bpe_model, get_tokenizer("gpt2"), load_hellaswag(str(FIXTURE)))
     assert (result["acc"], result["acc_norm"], result["n"]) == (expected["acc"], expected["acc_norm"], 8)
-    assert result["num_processes"] == 1 and "_timestamp" in result  # evaluate.save metadata
+    assert result["num_processes"] == 1 and "_timestamp" in result and "_gpt2_accel_version" in result
     table = capsys.readouterr().out
     assert "acc_norm" in table and f"{expected['acc_norm']:.6f}" in table
 

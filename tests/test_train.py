@@ -73,7 +73,13 @@ def test_demo_recipe_through_accelerate_launch(tmp_path):
             f"--output_dir={run}", "--max_steps=40", "--logging_steps=5", "--eval_steps=20", "--save_steps=20"
         )
     )
-    assert "distributed_type=" in proc.stderr + proc.stdout  # the launch mode is logged
+    console = proc.stderr + proc.stdout
+    assert "distributed_type=" in console  # the launch mode is logged
+    # every checkpoint save used to print third-party routine lines; they are debug-level now
+    for noise in ("Setting accelerator to CPU", "Removed shared tensor", "Model weights saved in",
+                  "Random states saved in", "Writing model shards", "fatal: not a git repository"):  # fmt: skip
+        assert noise not in console, noise
+    assert f"checkpoint committed: {run}" in console  # our results and paths stay
     # a Hugging Face model directory at the root of the run
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "recipe.yaml",
                  "metrics.jsonl", "loss_curve.png", "modeling_gpt2_accel.py"):  # fmt: skip
@@ -81,6 +87,17 @@ def test_demo_recipe_through_accelerate_launch(tmp_path):
     rows = _metrics(run)
     train = [r for r in rows if "loss" in r]
     assert all({"step", "loss", "lr", "tokens"} <= r.keys() for r in train)
+    # the same command again: one line says the run is complete, and nothing is trained or rewritten
+    weights = (run / "model.safetensors").read_bytes()
+    again = _run(
+        _launch_cmd(
+            f"--output_dir={run}", "--max_steps=40", "--logging_steps=5", "--eval_steps=20", "--save_steps=20"
+        )
+    )
+    assert "already complete at step 40 (max_steps=40): nothing to do; raise max_steps to continue" in (
+        again.stderr + again.stdout
+    )
+    assert _metrics(run) == rows and (run / "model.safetensors").read_bytes() == weights
     assert any("val_loss" in r for r in rows)
     # the loss goes down on real text: from ~ln(50257) = 10.8 at init
     assert train[0]["loss"] > 9.0 and train[-1]["loss"] < train[0]["loss"] - 2.0, train
@@ -107,6 +124,14 @@ def test_gpt2_accel_train_cli_is_the_same_entry_point(tmp_path):
           "train", str(DEMO), *TINY, f"--output_dir={run}", "--max_steps=3", "--eval_steps=0", "--save_steps=0"])  # fmt: skip
     assert (run / "model.safetensors").is_file()
     assert [r["step"] for r in _metrics(run) if "loss" in r][-1] == 3
+
+
+def test_log_level_debug_shows_the_routine_third_party_lines(tmp_path):
+    run = tmp_path / "debug"
+    proc = _run(_launch_cmd(f"--output_dir={run}", "--max_steps=2", "--eval_steps=0", "--save_steps=2",
+                            "--log_level=debug"))  # fmt: skip
+    console = proc.stderr + proc.stdout
+    assert "Removed shared tensor" in console and "Model weights saved in" in console
 
 
 def _has_console_script() -> bool:
