@@ -179,7 +179,8 @@ def run_bench(
     model.train()
     opt = build_optimizer(model, t, dev.type)
     params = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in params) - model.transformer.wpe.weight.numel()
+    wpe = model.transformer.wpe  # None with rotary positions
+    n_params = sum(p.numel() for p in params) - (wpe.weight.numel() if wpe is not None else 0)
     fwd = torch.compile(model) if t.torch_compile else model
 
     if t.fp16 and dev.type != "cuda":

@@ -212,7 +212,8 @@ class Trainer:
             enable()
 
         # Counted before prepare: ZeRO-3 / FSDP leave each rank only its shard of every parameter.
-        n_params = sum(p.numel() for p in self.model.parameters()) - self.model.transformer.wpe.weight.numel()
+        wpe = self.model.transformer.wpe  # None with rotary positions
+        n_params = sum(p.numel() for p in self.model.parameters()) - (wpe.weight.numel() if wpe is not None else 0)
         self.optimizer = build_optimizer(self.model, t, acc.device.type)
         model = self.model
         if t.torch_compile:
