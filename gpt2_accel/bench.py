@@ -79,22 +79,10 @@ class BenchResult:
 
 def build_model(recipe: Recipe, vocab_size: int, device: torch.device) -> torch.nn.Module:
     """The recipe's model from scratch, configured as the trainer builds it (no weights are loaded)."""
-    from .configuration_gpt2_accel import GPT2AccelConfig
     from .modeling_gpt2_accel import GPT2AccelForCausalLM
+    from .recipe import model_config
 
-    m = recipe.model
-    config = GPT2AccelConfig(
-        vocab_size=vocab_size,
-        n_positions=m.n_positions,
-        n_embd=m.n_embd,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        dropout=m.dropout if m.dropout is not None else 0.0,
-        bias=m.bias,
-        attn_type=m.attn_type or "SM",
-        pad_vocab_size_multiple=m.pad_vocab_size_multiple,
-    )
-    config._attn_implementation = m.attn_implementation
+    config = model_config(recipe.model, vocab_size)
     config.use_cache = False
     return GPT2AccelForCausalLM(config).to(device)
 
