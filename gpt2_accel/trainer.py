@@ -309,7 +309,8 @@ class Trainer:
             return m.n_positions
         local = Path(m.init_from) / "config.json"
         if local.is_file():
-            return int(ckpt.read_json(local)["n_positions"])
+            config = ckpt.read_json(local)  # GPT-2's name, or the standard one (Llama / Qwen3 / NanoChat)
+            return int(config.get("n_positions") or config["max_position_embeddings"])
         if m.init_from in OPENAI_GPT2:
             return 1024  # every OpenAI GPT-2 size has a 1024-token context
         from transformers import AutoConfig
