@@ -58,7 +58,7 @@ def build(shape: dict, options: dict, n_inner: int | None = None) -> GPT2AccelFo
     if options.get("layer_types", 0) is None:  # gpt-oss: alternate sliding / full
         options["layer_types"] = ["sliding_attention", "full_attention"] * (shape["L"] // 2)
     config = GPT2AccelConfig(
-        vocab_size=50257, pad_vocab_size_multiple=64, n_positions=shape["T"], n_embd=shape["d"],
+        vocab_size=shape.get("V", 50257), pad_vocab_size_multiple=64, n_positions=shape["T"], n_embd=shape["d"],
         n_layer=shape["L"], n_head=shape["H"], dropout=0.0, n_inner=n_inner, **options,
     )  # fmt: skip
     config._attn_implementation = "sdpa"
@@ -84,7 +84,7 @@ def equal_param_model(shape: dict, options: dict) -> GPT2AccelForCausalLM:
 def train_step_fn(model, shape: dict):
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
     g = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, 50257, (shape["B"], shape["T"] + 1), generator=g)
+    batch = torch.randint(0, shape.get("V", 50257), (shape["B"], shape["T"] + 1), generator=g)
     x, y = batch[:, :-1], batch[:, 1:]
     model.train()
 
@@ -104,6 +104,7 @@ def bench_training(names: list[str], shape: dict, rounds: int, steps: int) -> No
     for fn in fns.values():
         fn()  # warm-up: allocator, BLAS threads
     best = {n: float("inf") for n in names}
+    print(f"training: {len(names)} variants built, timing", flush=True)
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
@@ -169,13 +170,20 @@ def main() -> None:
     ap.add_argument("--skip-generation", action="store_true")
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 round: a smoke run")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=50257, help="a smaller vocabulary weighs the blocks more")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.only or list(VARIANTS)
     if "gpt2" in names:
         names = ["gpt2"] + [n for n in names if n != "gpt2"]
-    train_shape = dict(L=4, H=4, d=256, T=256, B=8)
+    train_shape = dict(
+        L=args.layers, H=args.width // 64, d=args.width, T=args.context, B=args.batch, V=args.vocab
+    )
     gen_shape = dict(L=6, H=6, d=384, B=4)
     prompt = 256
     if args.quick:
