@@ -486,3 +486,18 @@ def test_two_processes_equal_one_process_with_modern_blocks(tokens, tmp_path):
 
     config = AutoConfig.from_pretrained(two, trust_remote_code=True)
     assert config.attention_sinks and config.n_kv_head == 1 and not config.tie_word_embeddings
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_with_modern_blocks_trains_like_one_process(tokens, tmp_path):
+    pytest.importorskip("deepspeed")
+    one = tmp_path / "one"
+    _run(_launch("cpu.yaml", 1, tokens, one, "--gradient_accumulation_steps=2", *MODERN))
+    run = tmp_path / "zero3"
+    uneven = ["--max_eval_samples=13", "--per_device_eval_batch_size=2"]  # see the ZeRO test above
+    proc = _run(_launch("deepspeed_zero3.yaml", 2, tokens, run, *uneven, *MODERN))
+    assert "distributed_type=DEEPSPEED processes=2" in proc.stdout + proc.stderr
+    _assert_same_losses(_losses(run), _losses(one))
+    torch.testing.assert_close(
+        _logits(run), _logits(one), rtol=0, atol=1e-4
+    )  # the gathered export is complete
