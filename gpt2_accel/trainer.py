@@ -762,7 +762,9 @@ def _check_full_state_dict(state_dict: dict[str, torch.Tensor], model) -> None:
     from .parallel import expected_shapes
 
     shapes = expected_shapes(model.config)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    tied = (
+        set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
+    )
     missing = sorted(k for k in shapes if k not in state_dict and k not in tied)
     wrong = sorted(k for k, v in state_dict.items() if k in shapes and tuple(v.shape) != shapes[k])
     if missing or wrong:
