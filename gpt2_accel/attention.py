@@ -12,6 +12,12 @@ is the fast path: torch's fused softmax kernels for SM, a softmax kernel plus a 
 :func:`_gk_sdpa`; without gradients on CPU, the flash kernel's log-sum-exp instead, :func:`_gk_lse`), and query
 blocks of ``BLOCK_SIZE`` rows, recomputed in backward, for GKpoly and PA, so no variant holds a T x T matrix. docs/attention.md has the derivations, costs and numerical caveats.
 
+Options that compose with every variant (docs/architecture.md): grouped-query attention (keys/values with fewer
+heads than the queries; softmax hands them to SDPA with ``enable_gqa``, the others repeat them), sliding windows
+(query i sees keys j with i - window < j <= i, transformers' convention; softmax without a padding mask runs in
+query blocks that see only their band, never a T x T mask) and, for softmax only, learned attention sinks
+(gpt-oss: one logit per head joins every softmax normaliser; the sink's own value is zero).
+
 This file imports only torch: it is copied next to the weights for ``trust_remote_code`` users.
 """
 
@@ -71,13 +77,19 @@ def parse_attn_type(attn_type: str) -> tuple[str, int | Callable[[torch.Tensor],
     raise ValueError(f"attn_type={attn_type!r} is not a valid attention type; valid forms: {VALID_FORMS}")
 
 
-def _causal_mask(t_q: int, t_k: int, device: torch.device, q_start: int | None = None) -> torch.Tensor:
+def _causal_mask(
+    t_q: int, t_k: int, device: torch.device, q_start: int | None = None, window: int | None = None
+) -> torch.Tensor:
     # Query i sits at absolute position t_k - t_q + i (the last t_q keys are the queries' own positions, as
-    # with a KV cache); it may attend to keys j <= that position. ``q_start`` overrides the first query's position.
+    # with a KV cache); it may attend to keys j <= that position, and with a window only to j > position - window.
+    # ``q_start`` overrides the first query's position.
     start = t_k - t_q if q_start is None else q_start
     q_pos = torch.arange(start, start + t_q, device=device)[:, None]
     k_pos = torch.arange(t_k, device=device)[None, :]
-    return k_pos <= q_pos  # (Tq, Tk) bool
+    mask = k_pos <= q_pos  # (Tq, Tk) bool
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
+    return mask
 
 
 def _gk_exponent(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -113,11 +125,17 @@ def _weights(q: torch.Tensor, k: torch.Tensor, kind: str, param, mask: torch.Ten
     return torch.where(mask, w, 0.0)
 
 
-def _eager(q, k, v, kind, param, n_positions, mask, dropout_p) -> torch.Tensor:
+def _eager(q, k, v, kind, param, n_positions, mask, dropout_p, sinks=None) -> torch.Tensor:
     """The reference: materialise the (.., Tq, Tk) weights. ``mask`` is boolean, True = may attend."""
     if kind == "SM":
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-        att = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        scores = scores.masked_fill(~mask, float("-inf"))  # (B, nh, Tq, Tk)
+        if sinks is not None:
+            # gpt-oss: the sink logit joins the normaliser, then its column is dropped (its value is zero).
+            sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)  # (B, nh, Tq, 1)
+            att = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+        else:
+            att = scores.softmax(dim=-1)
         att = torch.nan_to_num(att)  # rows with no visible key (padding only) give 0, not NaN
     else:
         att = _weights(q, k, kind, param, mask)
@@ -131,7 +149,9 @@ def _eager(q, k, v, kind, param, n_positions, mask, dropout_p) -> torch.Tensor:
     return y
 
 
-def _blocked(q, k, v, kind, param, n_positions, attention_mask, dropout_p, block_size) -> torch.Tensor:
+def _blocked(
+    q, k, v, kind, param, n_positions, attention_mask, dropout_p, block_size, window=None
+) -> torch.Tensor:
     """The eager formula in query blocks: each block only sees the keys up to its last position, and when
     gradients are needed it is recomputed in backward (torch.utils.checkpoint), so neither pass keeps more than
     one (.., block, Tk) matrix alive."""
@@ -143,14 +163,18 @@ def _blocked(q, k, v, kind, param, n_positions, attention_mask, dropout_p, block
         e = min(s + block_size, t_q)
         if attention_mask is None:
             kv_end = offset + e  # keys past the block's last query are all in the future
-            mask = _causal_mask(e - s, kv_end, q.device, q_start=offset + s)  # (bq, kv_end)
+            # keys before the first query's window are invisible to the whole block
+            kv_start = 0 if window is None else max(0, offset + s - window + 1)
+            mask = _causal_mask(
+                e - s, kv_end - kv_start, q.device, q_start=offset + s - kv_start, window=window
+            )  # (bq, kv_end - kv_start)
         else:
-            kv_end = t_k
+            kv_start, kv_end = 0, t_k
             mask = attention_mask[..., s:e, :] if attention_mask.size(-2) > 1 else attention_mask
         args = (
             q[..., s:e, :],
-            k[..., :kv_end, :],
-            v[..., :kv_end, :],
+            k[..., kv_start:kv_end, :],
+            v[..., kv_start:kv_end, :],
             kind,
             param,
             n_positions,
@@ -162,6 +186,90 @@ def _blocked(q, k, v, kind, param, n_positions, attention_mask, dropout_p, block
             outs.append(checkpoint(_eager, *args, use_reentrant=False))
         else:
             outs.append(_eager(*args))
+    return torch.cat(outs, dim=-2)  # (B, nh, Tq, hs)
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """One fused softmax call: ``mask`` (True = attend) or ``causal`` (square, top-left) or neither (all keys).
+
+    Keys/values may have fewer heads than the queries (GQA: ``enable_gqa``, no repeated copy). Sinks ride on an
+    extra channel: q' = [q, s_h sqrt(d)], k' = [k, 0] and a sink key [0, ..., 0, 1] with value 0 give the sink the
+    score q'.k'_sink / sqrt(d) = s_h for every query, and real keys their usual q.k / sqrt(d); softmax over
+    [sink, keys] is then exactly gpt-oss's, with no T x T matrix.
+    """
+    gqa = q.size(1) != k.size(1)
+    if sinks is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p, enable_gqa=gqa
+        )
+    B, H, t_q, d = q.shape
+    H_kv, t_k = k.size(1), k.size(-2)
+    scale = 1.0 / math.sqrt(d)
+    sink_q = (sinks.to(q.dtype) / scale).view(1, H, 1, 1).expand(B, H, t_q, 1)
+    qa = torch.cat([q, sink_q], dim=-1)  # (B, nh, Tq, hs + 1)
+    ka = torch.cat([k, k.new_zeros(B, H_kv, t_k, 1)], dim=-1)  # (B, nkv, Tk, hs + 1)
+    sink_k = torch.cat([k.new_zeros(B, H_kv, 1, d), k.new_ones(B, H_kv, 1, 1)], dim=-1)  # (B, nkv, 1, hs + 1)
+    ka = torch.cat([sink_k, ka], dim=-2)  # (B, nkv, 1 + Tk, hs + 1)
+    va = torch.cat([v.new_zeros(B, H_kv, 1, d + 1), F.pad(v, (0, 1))], dim=-2)  # (B, nkv, 1 + Tk, hs + 1)
+    if q.device.type == "cuda":  # the fused CUDA kernels want a head size that is a multiple of 8
+        pad = (-(d + 1)) % 8
+        qa, ka, va = (F.pad(t, (0, pad)) for t in (qa, ka, va))
+    if causal:
+        # A dummy query in front: the (1 + T) x (1 + T) top-left causal mask then lets query i see the sink and
+        # keys 0..i, without a mask tensor (the trick of _gk_sdpa).
+        qa = torch.cat([qa.new_zeros(B, H, 1, qa.size(-1)), qa], dim=-2)
+        out = F.scaled_dot_product_attention(
+            qa, ka, va, is_causal=True, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+        )[..., 1:, :]
+    else:
+        if mask is not None:
+            mask = mask.expand(*mask.shape[:-2], t_q, t_k)
+            mask = torch.cat([torch.ones_like(mask[..., :1]), mask], dim=-1)  # the sink is always visible
+        out = F.scaled_dot_product_attention(
+            qa, ka, va, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+        )
+    return out[..., :d]  # (B, nh, Tq, hs)
+
+
+def _softmax_sdpa(q, k, v, attention_mask, dropout_p, window, sinks) -> torch.Tensor:
+    """Softmax attention through SDPA: causal without a mask tensor where possible; a sliding window in query
+    blocks that each see only their band of keys (``BLOCK_SIZE`` or ``window`` rows, whichever is larger), so
+    memory is O(T * (block + window)) instead of O(T^2)."""
+    t_q, t_k = q.size(-2), k.size(-2)
+    if attention_mask is not None:
+        return _sdpa(q, k, v, attention_mask, False, dropout_p, sinks)
+    if window is None:
+        if t_q == t_k:
+            return _sdpa(q, k, v, None, True, dropout_p, sinks)
+        if t_q == 1:  # one decoded token sees every cached key: no mask to build
+            return _sdpa(q, k, v, None, False, dropout_p, sinks)
+        return _sdpa(q, k, v, _causal_mask(t_q, t_k, q.device), False, dropout_p, sinks)
+    offset = t_k - t_q
+    rows = max(BLOCK_SIZE, window)
+    outs = []
+    for s in range(0, t_q, rows):
+        e = min(s + rows, t_q)
+        kv_start, kv_end = max(0, offset + s - window + 1), offset + e
+        mask = _causal_mask(e - s, kv_end - kv_start, q.device, q_start=offset + s - kv_start, window=window)
+        outs.append(
+            _sdpa(
+                q[..., s:e, :],
+                k[..., kv_start:kv_end, :],
+                v[..., kv_start:kv_end, :],
+                mask,
+                False,
+                dropout_p,
+                sinks,
+            )
+        )
     return torch.cat(outs, dim=-2)  # (B, nh, Tq, hs)
 
 
@@ -284,14 +392,17 @@ def causal_attention(
     attention_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     implementation: str = "sdpa",
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of queries (B, nh, Tq, hs) over keys/values (B, nh, Tk, hs), Tk >= Tq.
+    """Causal attention of queries (B, nh, Tq, hs) over keys/values (B, nkv, Tk, hs), Tk >= Tq, nh % nkv == 0.
 
-    Without ``attention_mask`` the queries are the last Tq positions and attend causally. A boolean
-    ``attention_mask`` broadcastable to (B, nh, Tq, Tk) (True = may attend) replaces that rule; the caller
-    includes causality in it. ``implementation`` is ``"sdpa"`` (fast kernels, no T x T matrix without a mask)
-    or ``"eager"`` (the formula with a materialised Tq x Tk matrix, the reference). ``n_positions`` is the PA
-    constant's denominator. Returns (B, nh, Tq, hs).
+    Without ``attention_mask`` the queries are the last Tq positions and attend causally, to at most
+    ``sliding_window`` keys each (themselves included) when it is set. A boolean ``attention_mask``
+    broadcastable to (B, nh, Tq, Tk) (True = may attend) replaces that rule; the caller includes causality and
+    any window in it. ``sinks`` (nh,) are gpt-oss's per-head sink logits (softmax only). ``implementation`` is
+    ``"sdpa"`` (fast kernels, no T x T matrix without a mask) or ``"eager"`` (the formula with a materialised
+    Tq x Tk matrix, the reference). ``n_positions`` is the PA constant's denominator. Returns (B, nh, Tq, hs).
     """
     kind, param = parse_attn_type(attn_type)
     if implementation not in ("sdpa", "eager"):
@@ -303,15 +414,29 @@ def causal_attention(
         )
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise ValueError(f"attention_mask must be boolean (True = may attend), got {attention_mask.dtype}")
+    if q.size(1) % k.size(1) != 0 or k.size(1) != v.size(1):
+        raise ValueError(f"{q.size(1)} query heads cannot share {k.size(1)} key / {v.size(1)} value heads")
+    if sinks is not None and kind != "SM":
+        raise ValueError(
+            f"attention sinks need softmax attention (attn_type='SM'), got attn_type={attn_type!r}"
+        )
+
+    window = None
+    if sliding_window is not None and attention_mask is None:
+        # Keys before the first query's window are invisible to every query: drop them (a decoded token then
+        # sees exactly its last `sliding_window` keys, with no mask at all).
+        first = max(0, t_k - t_q - sliding_window + 1)
+        k, v = k[..., first:, :], v[..., first:, :]
+        t_k = k.size(-2)
+        window = sliding_window if t_q > 1 and sliding_window < t_k else None
 
     if kind == "SM" and implementation == "sdpa":
-        if attention_mask is None and t_q == t_k:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        if attention_mask is None and t_q == 1:  # one decoded token sees every cached key: no mask to build
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        if attention_mask is None:
-            attention_mask = _causal_mask(t_q, t_k, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout_p)
+        return _softmax_sdpa(q, k, v, attention_mask, dropout_p, window, sinks)
+    if k.size(1) != q.size(1):
+        # The reference and the research variants take one key/value head per query head: repeat them here
+        # (head h uses key/value head h // group, the order of SDPA's enable_gqa and transformers' repeat_kv).
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, nh, Tk, hs)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)  # (B, nh, Tk, hs)
 
     in_dtype = q.dtype
     if kind in ("GK", "GKpoly") and in_dtype in (torch.float16, torch.bfloat16):
@@ -327,9 +452,12 @@ def causal_attention(
         q, k = q - center, k - center
     with torch.autocast(q.device.type, enabled=False):
         if implementation == "eager":
-            mask = attention_mask if attention_mask is not None else _causal_mask(t_q, t_k, q.device)
-            y = _eager(q, k, v, kind, param, n_positions, mask, dropout_p)
+            if attention_mask is None:
+                attention_mask = _causal_mask(t_q, t_k, q.device, window=window)
+            y = _eager(q, k, v, kind, param, n_positions, attention_mask, dropout_p, sinks)
         elif kind == "GK" and dropout_p == 0.0:
+            if window is not None:  # the fused GK paths take a (Tq, Tk) mask for the band
+                attention_mask = _causal_mask(t_q, t_k, q.device, window=window)
             y = None
             if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
                 # Evaluation / generation: ~1.4x faster than the sentinel path (docs/attention.md), no gradient.
@@ -338,5 +466,5 @@ def causal_attention(
                 y = _gk_sdpa(q, k, v, attention_mask)
         else:
             # GKpoly / PA (and GK with dropout, which would drop the sentinel): exact formula, bounded memory.
-            y = _blocked(q, k, v, kind, param, n_positions, attention_mask, dropout_p, BLOCK_SIZE)
+            y = _blocked(q, k, v, kind, param, n_positions, attention_mask, dropout_p, BLOCK_SIZE, window)
     return y.to(in_dtype)

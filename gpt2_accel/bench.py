@@ -79,22 +79,10 @@ class BenchResult:
 
 def build_model(recipe: Recipe, vocab_size: int, device: torch.device) -> torch.nn.Module:
     """The recipe's model from scratch, configured as the trainer builds it (no weights are loaded)."""
-    from .configuration_gpt2_accel import GPT2AccelConfig
     from .modeling_gpt2_accel import GPT2AccelForCausalLM
+    from .recipe import model_config
 
-    m = recipe.model
-    config = GPT2AccelConfig(
-        vocab_size=vocab_size,
-        n_positions=m.n_positions,
-        n_embd=m.n_embd,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        dropout=m.dropout if m.dropout is not None else 0.0,
-        bias=m.bias,
-        attn_type=m.attn_type or "SM",
-        pad_vocab_size_multiple=m.pad_vocab_size_multiple,
-    )
-    config._attn_implementation = m.attn_implementation
+    config = model_config(recipe.model, vocab_size)
     config.use_cache = False
     return GPT2AccelForCausalLM(config).to(device)
 
@@ -179,7 +167,8 @@ def run_bench(
     model.train()
     opt = build_optimizer(model, t, dev.type)
     params = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in params) - model.transformer.wpe.weight.numel()
+    wpe = model.transformer.wpe  # None with rotary positions
+    n_params = sum(p.numel() for p in params) - (wpe.weight.numel() if wpe is not None else 0)
     fwd = torch.compile(model) if t.torch_compile else model
 
     if t.fp16 and dev.type != "cuda":

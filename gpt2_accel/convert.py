@@ -1,6 +1,17 @@
-"""Convert between transformers' ``GPT2LMHeadModel`` (model_type ``gpt2``) and :class:`GPT2AccelForCausalLM`.
+"""Convert between :class:`GPT2AccelForCausalLM` and the standard transformers classes that compute the same function.
 
-The two networks are the same function; only the parameter layout differs. HF GPT-2 keeps OpenAI's TensorFlow
+``to_hf`` picks the class that expresses a config exactly (docs/architecture.md has the table):
+
+- ``GPT2LMHeadModel``: learned positions, LayerNorm, GELU, multi-head softmax attention (GPT-2 itself);
+- ``LlamaForCausalLM``: rotary (+YaRN), RMSNorm, SwiGLU, optional GQA and biases;
+- ``Qwen3ForCausalLM``: Llama + QK-norm, optional sliding-window layers (``layer_types``);
+- ``NanoChatForCausalLM``: rotary, parameter-free RMSNorm (also after the embedding), ReLU², QK-norm, optional
+  GQA and logit soft-capping (Karpathy's nanochat).
+
+A config no class expresses (GK/PA attention, sinks, ...) is refused with the options that prevent each class:
+an export never computes something different. ``from_hf`` imports the same four classes.
+
+GPT-2: the two networks are the same function; only the parameter layout differs. HF GPT-2 keeps OpenAI's TensorFlow
 layout: its ``Conv1D`` layers store weights as (in, out) and compute ``x @ W + b``, while ours are ``nn.Linear``
 with (out, in) weights, so every ``c_attn``/``c_proj``/``c_fc`` weight is transposed on the way through.
 Everything else (embeddings, LayerNorms, biases, the q|k|v order inside ``c_attn``) maps one to one.
@@ -8,7 +19,8 @@ Everything else (embeddings, LayerNorms, biases, the q|k|v order inside ``c_attn
 Command line::
 
     gpt2-accel convert --from-hf gpt2 --output runs/gpt2          # Hub id or local GPT2LMHeadModel directory
-    gpt2-accel convert --to-hf runs/my-run --output exported/     # our directory (or Hub id) -> vanilla GPT-2
+    gpt2-accel convert --to-hf runs/my-run --output exported/     # ours -> GPT-2 / Llama / Qwen3 / NanoChat
+    gpt2-accel convert --from-hf my-llama-dir --output runs/llama  # a Llama / Qwen3 / NanoChat directory -> ours
 """
 
 from __future__ import annotations
@@ -85,12 +97,350 @@ def _check_hf_config(cfg) -> None:
         unsupported.append("attention scaling other than 1/sqrt(head_dim)")
     if getattr(cfg, "add_cross_attention", False):
         unsupported.append("cross-attention")
-    if not getattr(cfg, "tie_word_embeddings", True):
-        unsupported.append("untied lm_head")
     if unsupported:
         raise ValueError(
             f"this GPT-2 checkpoint uses features GPT2AccelForCausalLM lacks: {'; '.join(unsupported)}"
         )
+
+
+# ------------------------------------------------------------------------------------ Llama-family (rotary) classes
+
+# model_type -> the options it fixes. Each entry says what the class computes; _blockers compares a config to it.
+_ROTARY_CLASSES = {
+    "llama": dict(cls="LlamaForCausalLM", mlp_type="swiglu", qk_norm=False, norm_after_embedding=False),
+    "qwen3": dict(cls="Qwen3ForCausalLM", mlp_type="swiglu", qk_norm=True, norm_after_embedding=False),
+    "nanochat": dict(cls="NanoChatForCausalLM", mlp_type="relu2", qk_norm=True, norm_after_embedding=True),
+}
+
+
+def _blockers(cfg: GPT2AccelConfig, model_type: str) -> list[str]:
+    """The options of ``cfg`` that the standard class ``model_type`` cannot compute (empty = exact export)."""
+    b = []
+    if cfg.attn_type != "SM":
+        b.append(f"attn_type={cfg.attn_type!r} (only softmax attention exists there)")
+    if cfg.attention_sinks:
+        b.append("attention_sinks=True")
+    if model_type == "gpt2":
+        if cfg.position_embedding_type != "learned":
+            b.append(f"position_embedding_type={cfg.position_embedding_type!r}")
+        if cfg.norm_type != "layernorm":
+            b.append(f"norm_type={cfg.norm_type!r}")
+        if cfg.mlp_type != "gelu":
+            b.append(f"mlp_type={cfg.mlp_type!r}")
+        if cfg.n_kv_head != cfg.n_head:
+            b.append(f"n_kv_head={cfg.n_kv_head}")
+        if cfg.qk_norm:
+            b.append("qk_norm=True")
+        if cfg.norm_after_embedding:
+            b.append("norm_after_embedding=True")
+        if cfg.sliding_window is not None and "sliding_attention" in cfg.layer_types:
+            b.append("sliding_window")
+        if cfg.final_logit_softcapping:
+            b.append("final_logit_softcapping")
+        return b
+    spec = _ROTARY_CLASSES[model_type]
+    if cfg.position_embedding_type != "rope":
+        b.append(f"position_embedding_type={cfg.position_embedding_type!r}")
+    if cfg.norm_type != "rmsnorm":
+        b.append(f"norm_type={cfg.norm_type!r}")
+    for key in ("mlp_type", "qk_norm", "norm_after_embedding"):
+        if getattr(cfg, key) != spec[key]:
+            b.append(f"{key}={getattr(cfg, key)!r} (needs {spec[key]!r})")
+    sliding = "sliding_attention" in cfg.layer_types
+    if sliding and model_type != "qwen3":
+        b.append("sliding_window (per-layer windows: Qwen3 only)")
+    if cfg.final_logit_softcapping and model_type != "nanochat":
+        b.append("final_logit_softcapping")
+    if cfg.mlp_bias and model_type != "llama":
+        b.append("mlp_bias=True")
+    if model_type == "nanochat" and cfg.norm_elementwise_affine:
+        b.append("norm_elementwise_affine=True (NanoChat's norms have no scale)")
+    return b
+
+
+def export_class(cfg: GPT2AccelConfig) -> str:
+    """The model_type of the standard class that computes ``cfg`` exactly; a ValueError naming the blockers else."""
+    blockers = {mt: _blockers(cfg, mt) for mt in ("gpt2", *_ROTARY_CLASSES)}
+    for mt, b in blockers.items():
+        if not b:
+            return mt
+    names = {"gpt2": "GPT2LMHeadModel", **{k: v["cls"] for k, v in _ROTARY_CLASSES.items()}}
+    why = "; ".join(f"{names[mt]}: {', '.join(b)}" for mt, b in blockers.items())
+    raise ValueError(
+        "no standard transformers class computes this model exactly, so it is not exported (an export must give "
+        f"the same logits). What each class lacks -> {why}. Share it with its own code instead: save_pretrained "
+        "writes it for AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)"
+    )
+
+
+def _nanochat_flip(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Negate the second half of each head's rows (weight (nh * hs, C) or bias (nh * hs,)).
+
+    NanoChat rotates by -angle (its rotate_half is [x2, -x1]; Llama's [-x2, x1]). With P = diag(1, -1) on each
+    (x_i, x_{i + hs/2}) pair, P R(a) P = R(-a) and P preserves dot products and RMS norms, so flipping those rows
+    of q and k turns one convention into the other exactly. P is its own inverse: the same map serves both ways.
+    """
+    hs = w.size(0) // n_heads
+    sign = torch.ones(hs, dtype=w.dtype, device=w.device)
+    sign[hs // 2 :] = -1
+    shape = (n_heads, hs, *w.shape[1:])
+    return (w.reshape(shape) * sign.view(1, hs, *([1] * (w.dim() - 1)))).reshape(w.shape)
+
+
+def _rotary_config(cfg: GPT2AccelConfig, model_type: str):
+    """The transformers config of ``model_type`` with ``cfg``'s architecture."""
+    from transformers import AutoConfig
+
+    kwargs = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.mlp_hidden_size,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.n_positions,
+        rms_norm_eps=cfg.layer_norm_epsilon,
+        rope_parameters=dict(cfg.rope_parameters),
+        attention_bias=cfg.attention_bias,
+        attention_dropout=cfg.dropout,
+        initializer_range=cfg.initializer_range,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+    )
+    if model_type == "llama":
+        kwargs.update(hidden_act="silu", mlp_bias=cfg.mlp_bias)
+    elif model_type == "qwen3":
+        sliding = "sliding_attention" in cfg.layer_types
+        kwargs.update(
+            hidden_act="silu",
+            use_sliding_window=sliding,
+            sliding_window=cfg.sliding_window if sliding else None,
+            layer_types=list(cfg.layer_types),
+        )
+    else:  # nanochat
+        kwargs.update(hidden_act="relu2", final_logit_softcapping=cfg.final_logit_softcapping)
+        kwargs.pop("head_dim")
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _ones_if_missing(state: dict, name: str, size: int, like: torch.Tensor) -> torch.Tensor:
+    return state[name] if name in state else like.new_ones(size)  # a parameter-free norm = a unit gain
+
+
+def _to_rotary_state(model: GPT2AccelForCausalLM, model_type: str) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    C, kv = cfg.n_embd, cfg.n_kv_head * cfg.head_dim
+    inner = cfg.mlp_hidden_size
+    emb = sd["transformer.wte.weight"][: cfg.vocab_size]
+    out = {"model.embed_tokens.weight": emb}
+    nano = model_type == "nanochat"
+    for i in range(cfg.n_layer):
+        p, o = f"transformer.h.{i}", f"model.layers.{i}"
+        for kind in ("weight", "bias"):
+            t = sd.get(f"{p}.attn.c_attn.{kind}")
+            if t is None:
+                continue
+            q, k, v = t.split([C, kv, kv])
+            if nano:
+                q, k = _nanochat_flip(q, cfg.n_head), _nanochat_flip(k, cfg.n_kv_head)
+            out[f"{o}.self_attn.q_proj.{kind}"], out[f"{o}.self_attn.k_proj.{kind}"] = q, k
+            out[f"{o}.self_attn.v_proj.{kind}"] = v
+            if f"{p}.attn.c_proj.{kind}" in sd:
+                out[f"{o}.self_attn.o_proj.{kind}"] = sd[f"{p}.attn.c_proj.{kind}"]
+        if not nano:
+            out[f"{o}.input_layernorm.weight"] = _ones_if_missing(sd, f"{p}.ln_1.weight", C, emb)
+            out[f"{o}.post_attention_layernorm.weight"] = _ones_if_missing(sd, f"{p}.ln_2.weight", C, emb)
+        if model_type == "qwen3":
+            for n in ("q_norm", "k_norm"):
+                out[f"{o}.self_attn.{n}.weight"] = _ones_if_missing(
+                    sd, f"{p}.attn.{n}.weight", cfg.head_dim, emb
+                )
+        for kind in ("weight", "bias"):
+            fc, proj = sd.get(f"{p}.mlp.c_fc.{kind}"), sd.get(f"{p}.mlp.c_proj.{kind}")
+            if fc is None:
+                continue
+            if nano:
+                out[f"{o}.mlp.fc1.{kind}"], out[f"{o}.mlp.fc2.{kind}"] = fc, proj
+            else:
+                out[f"{o}.mlp.gate_proj.{kind}"], out[f"{o}.mlp.up_proj.{kind}"] = fc[:inner], fc[inner:]
+                out[f"{o}.mlp.down_proj.{kind}"] = proj
+    if not nano:
+        out["model.norm.weight"] = _ones_if_missing(sd, "transformer.ln_f.weight", C, emb)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"][: cfg.vocab_size]
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def to_hf(model: GPT2AccelForCausalLM):
+    """Our model as the standard transformers class that computes it exactly (see :func:`export_class`)."""
+    from transformers import AutoModelForCausalLM
+
+    model_type = export_class(model.config)
+    if model_type == "gpt2":
+        return to_hf_gpt2(model)
+    hf_config = _rotary_config(model.config, model_type)
+    hf = _build(AutoModelForCausalLM.from_config, hf_config, _to_rotary_state(model, model_type), model.dtype)
+    return hf.train(model.training)
+
+
+def _from_rotary(hf, **config_overrides) -> GPT2AccelForCausalLM:
+    """A Llama / Qwen3 / NanoChat transformers model as ours (the inverse of :func:`to_hf`)."""
+    src, model_type = hf.config, hf.config.model_type
+    C, nh = src.hidden_size, src.num_attention_heads
+    nkv = getattr(src, "num_key_value_heads", None) or nh
+    head_dim = getattr(src, "head_dim", None) or C // nh
+    problems = []
+    if head_dim * nh != C:
+        problems.append(f"head_dim={head_dim} with {nh} heads != hidden_size={C}")
+    act = {"llama": "silu", "qwen3": "silu", "nanochat": "relu2"}[model_type]
+    if src.hidden_act != act:
+        problems.append(f"hidden_act={src.hidden_act!r} (needs {act!r})")
+    rope = dict(src.rope_parameters or {})
+    if rope.get("rope_type", "default") not in ("default", "yarn"):
+        problems.append(f"rope_type={rope.get('rope_type')!r} (implemented: default, yarn)")
+    if (
+        getattr(src, "partial_rotary_factor", None) not in (None, 1.0)
+        or rope.get("partial_rotary_factor", 1.0) != 1.0
+    ):
+        problems.append("partial rotary embeddings")
+    if problems:
+        raise ValueError(
+            f"this {type(hf).__name__} uses features GPT2AccelForCausalLM lacks: {'; '.join(problems)}"
+        )
+    rope = {
+        k: v
+        for k, v in rope.items()
+        if k
+        in (
+            "rope_type",
+            "rope_theta",
+            "factor",
+            "original_max_position_embeddings",
+            "beta_fast",
+            "beta_slow",
+            "truncate",
+            "attention_factor",
+        )
+        and v is not None
+    }
+    layer_types = getattr(src, "layer_types", None)
+    sliding = (
+        getattr(src, "sliding_window", None) if layer_types and "sliding_attention" in layer_types else None
+    )
+    spec = _ROTARY_CLASSES[model_type]
+    kwargs = dict(
+        vocab_size=src.vocab_size,
+        n_positions=src.max_position_embeddings,
+        n_embd=C,
+        n_layer=src.num_hidden_layers,
+        n_head=nh,
+        n_kv_head=nkv,
+        n_inner=src.intermediate_size,
+        dropout=float(getattr(src, "attention_dropout", 0.0) or 0.0),
+        bias=False,
+        attention_bias=bool(getattr(src, "attention_bias", False)),
+        mlp_bias=bool(getattr(src, "mlp_bias", False)),
+        layer_norm_epsilon=src.rms_norm_eps,
+        initializer_range=src.initializer_range,
+        position_embedding_type="rope",
+        rope_parameters=rope,
+        norm_type="rmsnorm",
+        norm_elementwise_affine=model_type != "nanochat",
+        norm_after_embedding=spec["norm_after_embedding"],
+        mlp_type=spec["mlp_type"],
+        qk_norm=spec["qk_norm"],
+        sliding_window=sliding,
+        layer_types=list(layer_types) if sliding else None,
+        final_logit_softcapping=getattr(src, "final_logit_softcapping", None),
+        tie_word_embeddings=bool(src.tie_word_embeddings),
+        bos_token_id=src.bos_token_id if isinstance(src.bos_token_id, int) else None,
+        eos_token_id=src.eos_token_id if isinstance(src.eos_token_id, int) else None,
+    )
+    # attn_type, dropout, n_positions, pad_vocab_size_multiple may change; the architecture keys may not.
+    fixed = sorted(k for k in config_overrides if k in kwargs and k not in ("dropout", "n_positions"))
+    if fixed:
+        raise ValueError(
+            f"cannot override {fixed} when converting: they fix the pretrained weights' function"
+        )
+    kwargs.update(config_overrides)
+    if kwargs["n_positions"] > src.max_position_embeddings:
+        raise ValueError(
+            f"n_positions={kwargs['n_positions']} exceeds the checkpoint's {src.max_position_embeddings}"
+        )
+    config = GPT2AccelConfig(**kwargs)
+
+    sd = {k: v.detach() for k, v in hf.state_dict().items()}
+    nano = model_type == "nanochat"
+    emb = sd["model.embed_tokens.weight"]
+    pad = config.padded_vocab_size - emb.size(0)
+    state = {"transformer.wte.weight": torch.cat([emb, emb.new_zeros(pad, C)]) if pad else emb}
+    for i in range(config.n_layer):
+        p, o = f"transformer.h.{i}", f"model.layers.{i}"
+        for kind in ("weight", "bias"):
+            q = sd.get(f"{o}.self_attn.q_proj.{kind}")
+            if q is None:
+                continue
+            k, v = sd[f"{o}.self_attn.k_proj.{kind}"], sd[f"{o}.self_attn.v_proj.{kind}"]
+            if nano:
+                q, k = _nanochat_flip(q, nh), _nanochat_flip(k, nkv)
+            state[f"{p}.attn.c_attn.{kind}"] = torch.cat([q, k, v])
+            if f"{o}.self_attn.o_proj.{kind}" in sd:
+                state[f"{p}.attn.c_proj.{kind}"] = sd[f"{o}.self_attn.o_proj.{kind}"]
+        if not nano:
+            state[f"{p}.ln_1.weight"] = sd[f"{o}.input_layernorm.weight"]
+            state[f"{p}.ln_2.weight"] = sd[f"{o}.post_attention_layernorm.weight"]
+        if model_type == "qwen3":
+            state[f"{p}.attn.q_norm.weight"] = sd[f"{o}.self_attn.q_norm.weight"]
+            state[f"{p}.attn.k_norm.weight"] = sd[f"{o}.self_attn.k_norm.weight"]
+        for kind in ("weight", "bias"):
+            if nano and f"{o}.mlp.fc1.{kind}" in sd:
+                state[f"{p}.mlp.c_fc.{kind}"] = sd[f"{o}.mlp.fc1.{kind}"]
+                state[f"{p}.mlp.c_proj.{kind}"] = sd[f"{o}.mlp.fc2.{kind}"]
+            elif f"{o}.mlp.gate_proj.{kind}" in sd:
+                state[f"{p}.mlp.c_fc.{kind}"] = torch.cat(
+                    [sd[f"{o}.mlp.gate_proj.{kind}"], sd[f"{o}.mlp.up_proj.{kind}"]]
+                )
+                state[f"{p}.mlp.c_proj.{kind}"] = sd[f"{o}.mlp.down_proj.{kind}"]
+    if not nano:
+        state["transformer.ln_f.weight"] = sd["model.norm.weight"]
+    if not config.tie_word_embeddings:
+        head = sd["lm_head.weight"]
+        state["lm_head.weight"] = torch.cat([head, head.new_zeros(pad, C)]) if pad else head
+    state = {k: v.contiguous().clone() for k, v in state.items()}
+    model = _build(GPT2AccelForCausalLM, config, state, dtype=hf.dtype)
+    return model.train(hf.training)
+
+
+def from_hf(model_or_path: torch.nn.Module | str | os.PathLike, **config_overrides) -> GPT2AccelForCausalLM:
+    """A transformers GPT-2, Llama, Qwen3 or NanoChat model (instance, local directory or Hub id) as ours, computing
+    the same logits. ``config_overrides`` as :func:`from_hf_gpt2` (GPT-2) or dropout / n_positions (the others)."""
+    if isinstance(model_or_path, torch.nn.Module):
+        hf = model_or_path
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = Path(model_or_path)
+        model_type = AutoConfig.from_pretrained(path).model_type if path.is_dir() else "gpt2"
+        if model_type == "gpt2":
+            return from_hf_gpt2(model_or_path, **config_overrides)
+        if model_type not in _ROTARY_CLASSES:
+            raise ValueError(
+                f"{str(model_or_path)!r} holds a model_type={model_type!r} model; --from-hf converts gpt2, "
+                f"{', '.join(_ROTARY_CLASSES)}. A gpt2_accel directory loads directly with "
+                "AutoModelForCausalLM.from_pretrained"
+            )
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model_type = getattr(hf.config, "model_type", None)
+    if model_type == "gpt2":
+        return from_hf_gpt2(hf, **config_overrides)
+    if model_type not in _ROTARY_CLASSES:
+        raise TypeError(
+            f"expected a GPT-2, Llama, Qwen3 or NanoChat transformers model, got {type(hf).__name__}"
+        )
+    return _from_rotary(hf, **config_overrides)
 
 
 def from_hf_gpt2(
@@ -132,20 +482,25 @@ def from_hf_gpt2(
         initializer_range=src.initializer_range,
         bos_token_id=src.bos_token_id,
         eos_token_id=src.eos_token_id,
+        tie_word_embeddings=bool(getattr(src, "tie_word_embeddings", True)),
     )
     kwargs.update(config_overrides)
     config = GPT2AccelConfig(**kwargs)
 
     state = {}
     for name, tensor in hf.state_dict().items():
-        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+        if (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith(
+            (".attn.bias", ".attn.masked_bias")
+        ):
             continue  # tied to wte / causal-mask buffers of older transformers versions
         tensor = tensor.detach()
         if name.endswith(_CONV1D_SUFFIXES):
             tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
         elif name == "transformer.wpe.weight":
             tensor = tensor[:n_positions]
-        elif name == "transformer.wte.weight" and config.padded_vocab_size > src.vocab_size:
+        elif (
+            name in ("transformer.wte.weight", "lm_head.weight") and config.padded_vocab_size > src.vocab_size
+        ):
             pad = tensor.new_zeros(config.padded_vocab_size - src.vocab_size, tensor.size(1))
             tensor = torch.cat([tensor, pad])  # padded ids never occur in inputs and are cut from the logits
         state[name] = tensor.contiguous().clone()
@@ -168,6 +523,9 @@ def to_hf_gpt2(model: GPT2AccelForCausalLM):
             "attention, 'SM'). Share this model with its own code instead: save_pretrained writes it for "
             "AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)"
         )
+    blockers = _blockers(cfg, "gpt2")
+    if blockers:
+        raise ValueError(f"to_hf_gpt2: GPT2LMHeadModel cannot compute {', '.join(blockers)}; use to_hf")
     hf_config = GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.n_positions,
@@ -183,22 +541,31 @@ def to_hf_gpt2(model: GPT2AccelForCausalLM):
         initializer_range=cfg.initializer_range,
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        n_ctx=cfg.n_positions,  # older GPT-2 configs' name for the context; llama.cpp's converter reads it
     )
     state = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         tensor = tensor.detach()
         if name.endswith(_CONV1D_SUFFIXES):
             tensor = tensor.t()  # Linear (out, in) -> Conv1D (in, out)
-        elif name == "transformer.wte.weight":
+        elif name in ("transformer.wte.weight", "lm_head.weight"):
             tensor = tensor[: cfg.vocab_size]
         state[name] = tensor.contiguous().clone()
-    if not cfg.bias:  # GPT-2 always has biases: zeros reproduce a bias-free layer exactly
-        for name, tensor in list(state.items()):
-            if name.endswith(".weight") and "wte" not in name and "wpe" not in name:
-                state[name[: -len("weight")] + "bias"] = tensor.new_zeros(tensor.size(-1))  # (out,) / (C,)
+    # GPT-2 always has biases and norm gains: zeros / ones reproduce bias-free layers and parameter-free norms.
+    ref = state["transformer.wte.weight"]
+    for i in range(cfg.n_layer):
+        for norm in (f"transformer.h.{i}.ln_1", f"transformer.h.{i}.ln_2"):
+            state.setdefault(f"{norm}.weight", ref.new_ones(cfg.n_embd))
+    state.setdefault("transformer.ln_f.weight", ref.new_ones(cfg.n_embd))
+    for name, tensor in list(state.items()):
+        if name.endswith(".weight") and not name.startswith(
+            ("transformer.wte", "transformer.wpe", "lm_head")
+        ):
+            w = tensor.t() if name.endswith(_CONV1D_SUFFIXES) else tensor  # back to (out, in) / (C,)
+            state.setdefault(name[: -len("weight")] + "bias", tensor.new_zeros(w.size(0)))
     hf = _build(GPT2LMHeadModel, hf_config, state, dtype=model.dtype)
     return hf.train(model.training)
 
@@ -211,10 +578,10 @@ def _build(cls, config, state: dict[str, torch.Tensor], dtype: torch.dtype):
         from transformers.modeling_utils import no_init_weights
 
     with no_init_weights():
-        model = cls(config)
+        model = cls(config)  # a class, or a factory such as AutoModelForCausalLM.from_config
     model.to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
         raise RuntimeError(f"conversion bug: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
@@ -268,14 +635,17 @@ def _load_ours(source: str) -> GPT2AccelForCausalLM:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``gpt2-accel convert``: import a GPT-2 (``--from-hf``) or export to vanilla GPT-2 (``--to-hf``)."""
+    """``gpt2-accel convert``: import a standard model (``--from-hf``) or export to one (``--to-hf``)."""
     parser = argparse.ArgumentParser(
         prog="gpt2-accel convert",
-        description="Convert between transformers GPT-2 (GPT2LMHeadModel) and gpt2_accel checkpoints.",
+        description="Convert between gpt2_accel checkpoints and the transformers class that computes the same "
+        "function: GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM or NanoChatForCausalLM.",
     )
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument(
-        "--from-hf", metavar="SRC", help="GPT2LMHeadModel directory or Hub id (gpt2, gpt2-xl...)"
+        "--from-hf",
+        metavar="SRC",
+        help="GPT-2 directory or Hub id (gpt2, gpt2-xl...), or a Llama / Qwen3 / NanoChat directory",
     )
     direction.add_argument("--to-hf", metavar="SRC", help="gpt2_accel model directory or Hub id")
     parser.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to write")
@@ -304,12 +674,12 @@ def main(argv: list[str] | None = None) -> int:
                 if v is not None
             }
             source = args.from_hf
-            model = from_hf_gpt2(source, **overrides)
+            model = from_hf(source, **overrides)
         else:
             if args.attn_type or args.dropout is not None or args.pad_vocab_size_multiple:
                 parser.error("--attn-type/--dropout/--pad-vocab-size-multiple apply to --from-hf only")
             source = args.to_hf
-            model = to_hf_gpt2(_load_ours(source))
+            model = to_hf(_load_ours(source))
         model.save_pretrained(output)
         tok = _save_tokenizer(source, output, model.config.vocab_size)
     except (OSError, ValueError, TypeError) as e:

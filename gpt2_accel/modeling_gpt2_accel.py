@@ -1,7 +1,10 @@
 """The GPT-2 network as a transformers ``PreTrainedModel``.
 
-Read top to bottom: attention -> MLP -> block -> the model -> the LM head. Names follow GPT-2 (``c_attn``,
-``c_proj``, ``c_fc``, ``wte``, ``wpe``, ``ln_f``) so OpenAI's weights map one to one (see convert.py).
+Read top to bottom: norms and rotary positions -> attention -> MLP -> block -> the model -> the LM head. Names
+follow GPT-2 (``c_attn``, ``c_proj``, ``c_fc``, ``wte``, ``wpe``, ``ln_1``, ``ln_2``, ``ln_f``) so OpenAI's weights
+map one to one (see convert.py); the modern options (docs/architecture.md) keep those names and add ``q_norm``,
+``k_norm`` (QK-norm), ``sinks`` (attention sinks) and ``ln_emb`` (norm after the embedding). Every option defaults
+to GPT-2.
 This file imports only torch, transformers and its two siblings (configuration, attention): it is copied next to
 the weights, so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without gpt2_accel.
 Nothing here knows about training, data or distributed execution.
@@ -37,35 +40,122 @@ CACHE_FIELD = (
 )
 
 
+def make_norm(config: GPT2AccelConfig, dim: int) -> nn.Module:
+    """The norm named by ``config.norm_type`` over the last ``dim`` features (LayerNorm is GPT-2's)."""
+    affine = config.norm_elementwise_affine
+    if config.norm_type == "rmsnorm":
+        # x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019); no weight when parameter-free (nanochat).
+        return nn.RMSNorm(dim, eps=config.layer_norm_epsilon, elementwise_affine=affine)
+    return nn.LayerNorm(
+        dim, eps=config.layer_norm_epsilon, elementwise_affine=affine, bias=config.bias and affine
+    )
+
+
+def rope_inv_freq(config: GPT2AccelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """Rotary inverse frequencies (hs/2,) and the cos/sin scale, from ``config.rope_parameters``.
+
+    Default: theta^(-2i/hs) (Su et al. 2021). YaRN (Peng et al. 2023, arXiv:2309.00071 sec. 3.2-3.4): dimensions
+    that rotate fewer than ``beta_slow`` times over the original context are interpolated (frequency / factor),
+    those rotating more than ``beta_fast`` times keep their frequency, with a linear ramp between, and cos/sin are
+    scaled by 0.1 ln(factor) + 1 unless ``attention_factor`` is given. Written from the paper; the test compares it
+    with transformers' own implementation (the export's) value for value.
+    """
+    p = config.rope_parameters
+    dim, base = config.head_dim, p["rope_theta"]
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)  # (hs/2,)
+    if p["rope_type"] == "default":
+        return 1.0 / pos_freqs, 1.0
+    factor, original = p["factor"], p["original_max_position_embeddings"]
+    scale = p.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+    def dim_for_rotations(n_rotations: float) -> float:  # the dimension that turns n times over `original`
+        return dim * math.log(original / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_for_rotations(p.get("beta_fast") or 32), dim_for_rotations(p.get("beta_slow") or 1)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high  # a one-point ramp
+    ramp = ((torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 = extrapolate (keep the frequency), 0 = interpolate (divide it by factor)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, scale
+
+
+def rope_cos_sin(config: GPT2AccelConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos and sin (B or 1, T, hs) of the rotary angles at ``position_ids`` (B or 1, T), computed in fp32.
+
+    Recomputed every forward (a (T, hs) product): no buffer to keep in sync across from_pretrained, meta-device
+    loading, FSDP or dtype casts.
+    """
+    inv_freq, scale = rope_inv_freq(config, position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hs/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hs): the half-split layout of Llama / Qwen3 / gpt-oss
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i + hs/2}) of (B, nh, T, hs) by the angles in cos/sin (B, T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, nh, T, hs)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
 class GPT2AccelAttention(nn.Module):
-    """Multi-head causal self-attention; the score function is chosen by ``config.attn_type``."""
+    """Causal self-attention; the score function is chosen by ``config.attn_type``.
+
+    ``c_attn`` projects to n_head query heads and n_kv_head key and value heads ([q | k | v], GPT-2's fused
+    layout; with n_kv_head = n_head exactly GPT-2's). Optional: QK-norm, rotary positions, a sliding window
+    (``config.layer_types[layer_idx]``) and gpt-oss's sinks.
+    """
 
     def __init__(self, config: GPT2AccelConfig, layer_idx: int):
         super().__init__()
         self.n_head = config.n_head
-        self.head_dim = config.n_embd // config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
         self.layer_idx = layer_idx
         self.attn_type = config.attn_type
         self.n_positions = config.n_positions
         self.config = config
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.layer_type = config.layer_types[layer_idx] if config.layer_types else "full_attention"
+        self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
+        kv_width = config.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.attention_bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.attention_bias)
         self.c_proj.is_residual_proj = True  # scaled init, see _init_weights
+        if config.qk_norm:  # Qwen3's names; over each head's features
+            self.q_norm = make_norm(config, self.head_dim)
+            self.k_norm = make_norm(config, self.head_dim)
+        if config.attention_sinks:
+            self.sinks = nn.Parameter(torch.zeros(config.n_head))  # (nh,) one logit per head; gpt-oss's name
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
         self,
         x: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
         cache: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B, T, C = x.size()  # batch, sequence length, n_embd
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        kv_width = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)  # (B, T, C), 2 x (B, T, nkv * hs)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # before the rotation, as Qwen3
+        if position_embeddings is not None:
+            q, k = apply_rope(q, *position_embeddings), apply_rope(k, *position_embeddings)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, T_past + T, hs)
+            # Only n_kv_head heads are cached; sliding layers of a transformers cache keep their last window only.
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, T_kept + T, hs)
+        if isinstance(attention_mask, dict):  # generate()'s per-layer-type masks (static caches)
+            attention_mask = attention_mask.get(self.layer_type)
+        if attention_mask is not None and attention_mask.size(-1) > k.size(-2):
+            # A mask built over the whole history; this layer's cache kept only the last keys.
+            attention_mask = attention_mask[..., -k.size(-2) :]
         y = causal_attention(
             q,
             k,
@@ -75,42 +165,65 @@ class GPT2AccelAttention(nn.Module):
             attention_mask=attention_mask,
             dropout_p=self.config.dropout if self.training else 0.0,
             implementation="eager" if self.config._attn_implementation == "eager" else "sdpa",
+            sliding_window=self.sliding_window,
+            sinks=self.sinks if self.config.attention_sinks else None,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
+# The MLP's activation by ``config.mlp_type``; gated ones read [gate | up] from a c_fc twice as wide.
+def _gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation of GELU
+
+
+def _relu2(h: torch.Tensor) -> torch.Tensor:
+    return F.relu(h).square()  # Primer (So et al. 2021), modded-nanogpt, nanochat
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up  # Shazeer 2020; Llama's down(silu(gate(x)) * up(x))
+
+
+MLP_ACTIVATIONS = {"gelu": _gelu_tanh, "relu2": _relu2, "swiglu": _swiglu}
+GATED_MLPS = ("swiglu",)
+
+
 class GPT2AccelMLP(nn.Module):
     def __init__(self, config: GPT2AccelConfig):
         super().__init__()
-        inner = config.n_inner or 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, inner, bias=config.bias)
-        self.c_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
+        inner = config.mlp_hidden_size
+        fc_out = 2 * inner if config.mlp_type in GATED_MLPS else inner
+        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.mlp_bias)
+        self.act = MLP_ACTIVATIONS[config.mlp_type]
+        self.c_proj = nn.Linear(inner, config.n_embd, bias=config.mlp_bias)
         self.c_proj.is_residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C); GPT-2 used the tanh approximation of GELU
+        x = self.act(self.c_fc(x))  # (B, T, inner)
         return self.dropout(self.c_proj(x))  # (B, T, C)
 
 
 class GPT2AccelBlock(GradientCheckpointingLayer):
-    """Pre-LayerNorm transformer block (GPT-2): x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm transformer block (GPT-2): x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, config: GPT2AccelConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = GPT2AccelAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = GPT2AccelMLP(config)
 
     def forward(
         self,
         x: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
         cache: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attention_mask, cache)  # (B, T, C)
+        x = x + self.attn(self.ln_1(x), attention_mask, cache, position_embeddings)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -135,6 +248,12 @@ class GPT2AccelPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_proj", False) and self.config.zero_init_output_proj:
+                # modded-nanogpt: each block starts as the identity; its output projections learn from zero.
+                init.zeros_(module.weight)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+                return
             if getattr(module, "is_residual_proj", False):
                 # GPT-2 paper (Radford et al. 2019, sec. 2.3): scale the weights of residual layers by 1/sqrt(N),
                 # N = number of residual layers = 2 per block (attention and MLP).
@@ -144,10 +263,13 @@ class GPT2AccelPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            if module.bias is not None:
+        elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, GPT2AccelAttention) and self.config.attention_sinks:
+            init.zeros_(module.sinks)  # sink logit 0: at first it weighs like one key with score 0
 
 
 class GPT2AccelModel(GPT2AccelPreTrainedModel):
@@ -156,10 +278,15 @@ class GPT2AccelModel(GPT2AccelPreTrainedModel):
     def __init__(self, config: GPT2AccelConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # token embeddings (tied to lm_head)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # learned position embeddings
+        if config.position_embedding_type == "learned":
+            self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # learned position embeddings
+        else:
+            self.wpe = None  # rotary: positions enter in attention
+        if config.norm_after_embedding:
+            self.ln_emb = make_norm(config, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([GPT2AccelBlock(config, i) for i in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_f = make_norm(config, config.n_embd)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -207,15 +334,23 @@ class GPT2AccelModel(GPT2AccelPreTrainedModel):
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).unsqueeze(0)  # (1, T)
-        x = self.drop(x + self.wpe(position_ids))  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)  # (B, T, C)
+        else:
+            rope = rope_cos_sin(self.config, position_ids, x.dtype)  # 2 x (B or 1, T, hs)
+        if self.config.norm_after_embedding:
+            x = self.ln_emb(x)
+        x = self.drop(x)  # (B, T, C)
 
-        mask = _attention_mask(attention_mask, T, past + T, x.device)  # None or (B, 1, T, T_past + T) bool
+        # None, or (B, 1, T, T_past + T) bool, or generate()'s {layer type: 4-D mask} for static caches
+        mask = _attention_mask(attention_mask, T, past + T, x.device, self.config.sliding_window)
 
         all_hidden = () if output_hidden_states else None
         for block in self.h:
             if output_hidden_states:
                 all_hidden += (x,)
-            x = block(x, mask, cache)
+            x = block(x, mask, cache, rope)
         x = self.ln_f(x)  # (B, T, C)
         if output_hidden_states:
             all_hidden += (x,)
@@ -226,14 +361,22 @@ class GPT2AccelModel(GPT2AccelPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=all_hidden, **{CACHE_FIELD: cache})
 
 
-def _attention_mask(attention_mask: torch.Tensor | None, t_q: int, t_k: int, device) -> torch.Tensor | None:
+def _attention_mask(
+    attention_mask: torch.Tensor | dict | None, t_q: int, t_k: int, device, sliding_window: int | None = None
+) -> torch.Tensor | dict | None:
     """Turn a (B, T_past + T) padding mask (1 = token, 0 = padding) into a boolean (B, 1, Tq, Tk) mask.
 
     Returns None when nothing is padded, so attention takes its fastest purely causal path. Checking that costs
     one device-to-host sync per forward, so training on packed windows should pass ``attention_mask=None``.
+    With a sliding window, returns ``{"full_attention": mask, "sliding_attention": mask & band}``, the layout of
+    generate()'s per-layer-type masks. 4-D masks (and dicts of them) pass through: they already hold the rule.
     """
     if attention_mask is None:
         return None
+    if isinstance(attention_mask, dict):
+        return {
+            k: None if m is None else _attention_mask(m, t_q, t_k, device) for k, m in attention_mask.items()
+        }
     if attention_mask.dim() == 4:
         # Already (B, 1, Tq, Tk) with causality included: generate() builds these for static (compilable) caches,
         # boolean (True = attend) for sdpa, additive (0 = attend) for eager.
@@ -253,7 +396,12 @@ def _attention_mask(attention_mask: torch.Tensor | None, t_q: int, t_k: int, dev
     mask = causal[None, None] & keep[:, None, None, :]  # (B, 1, Tq, Tk)
     # A padding query may see no key at all; let it see every key so softmax stays finite. Its output is never
     # used: real queries never attend to padding, and padded positions carry no loss.
-    return mask | ~mask.any(dim=-1, keepdim=True)
+    full = mask | ~mask.any(dim=-1, keepdim=True)
+    if sliding_window is None:
+        return full
+    band = torch.arange(t_k, device=device)[None, :] > q_pos - sliding_window  # (Tq, Tk)
+    sliding = mask & band[None, None]
+    return {"full_attention": full, "sliding_attention": sliding | ~sliding.any(dim=-1, keepdim=True)}
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -265,11 +413,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     incoming gradient. The idea of Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024, arXiv:2410.10989),
     written here for the padded, tied GPT-2 head. Rows whose target is -100 count nowhere; the padded weight rows
     (>= vocab_size) are outside the normaliser and get a zero gradient, so the loss and gradients equal those of
-    the unpadded model.
+    the unpadded model. With ``softcap`` c the logits are c * tanh(z / c) (Gemma 2, nanochat) and the chain rule
+    multiplies dlogits by 1 - tanh(z / c)^2.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size, chunk_rows, need_grad):
+    def forward(ctx, h, weight, targets, vocab_size, chunk_rows, need_grad, softcap=None):
         # h (N, C), weight (V_padded, C), targets (N,) with -100 = ignore
         dev = h.device.type
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # matmul dtype
@@ -288,6 +437,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # than h_c @ W^T, and with the softmax as column reductions the whole chunk is ~10% faster
             # (benchmarks/bench_train_step.py --components). One buffer serves every chunk (no page faults).
             buf = torch.empty(V * min(chunk_rows, N), dtype=torch.float32, device=h.device)
+            tbuf = torch.empty_like(buf) if softcap else None  # tanh(z / c), for the chain rule
             for s in range(0, N, chunk_rows):
                 h_c = h[s : s + chunk_rows].to(cdt)  # (n, C)
                 t_c, k_c = tgt[s : s + chunk_rows], scale[s : s + chunk_rows]  # (n,)
@@ -298,6 +448,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     torch.mm(w, h_c.T, out=z)
                 else:  # low-precision matmul, fp32 softmax (the chunk is upcast, never the whole logits)
                     z.copy_(w @ h_c.T)
+                if softcap:
+                    tz = tbuf[: V * n].view(V, n)
+                    torch.tanh(z.div_(softcap), out=tz)  # (V, n)
+                    z.copy_(tz).mul_(softcap)  # capped logits
                 z_t = z[t_c, cols]  # (n,) logit of each target
                 m = z.amax(dim=0)  # (n,) column max, for a stable exp
                 e = z.sub_(m).exp_()  # (V, n) exp(z - m), in place
@@ -308,6 +462,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # dlogits^T = e / ssum - onehot; both terms are applied through (n, C) products so the (V, n)
                 # chunk is never touched again: d = (e^T W) / ssum - W[target], dW += e (h / ssum) - onehot^T h.
                 p_k = k_c / ssum  # (n,) row scale of the softmax term
+                if softcap:
+                    # d(capped)/dz = 1 - tanh^2: scales the softmax term elementwise and the onehot term per row.
+                    g_t = 1 - (z_t / softcap).square()  # (n,)
+                    e = e.mul_(tz.square_().neg_().add_(1))
+                    k_c = k_c * g_t
                 e = e.to(cdt)
                 if dh is not None:
                     d = (e.T @ w).float().mul_(p_k[:, None])  # (n, C)
@@ -329,23 +488,29 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         gh = (dh * grad_loss).to(ctx.dtypes[0]) if dh is not None else None
         gw = (dw * grad_loss).to(ctx.dtypes[1]) if dw is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk_rows: int = 1024
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    chunk_rows: int = 1024,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy (ignore_index -100) of ``h @ weight[:vocab_size].T`` against ``targets``, computed in
-    row chunks so the (N, vocab_size) logits never exist. h (..., C), targets (...) -> scalar fp32 loss."""
+    """Mean cross-entropy (ignore_index -100) of ``h @ weight[:vocab_size].T`` (soft-capped at ``softcap``)
+    against ``targets``, computed in row chunks so the (N, vocab_size) logits never exist. h (..., C),
+    targets (...) -> scalar fp32 loss."""
     h2 = h.reshape(-1, h.size(-1))  # (N, C)
     need = (torch.is_grad_enabled() and h.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(
-        h2, weight, targets.reshape(-1).to(h.device), vocab_size, chunk_rows, need
+        h2, weight, targets.reshape(-1).to(h.device), vocab_size, chunk_rows, need, softcap
     )
 
 
 class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
-    """GPT-2 with a language-modelling head whose weight is tied to the token embedding."""
+    """GPT-2 with a language-modelling head (tied to the token embedding unless ``tie_word_embeddings=False``)."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}  # noqa: RUF012
 
@@ -416,12 +581,20 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
             # itself is not called: it must not be its own FSDP unit, and ZeRO-3 must be told it is used here
             # (deepspeed.zero.register_external_parameter); see docs/performance.md.
             loss = chunked_linear_cross_entropy(
-                h, self.lm_head.weight, shift_labels, self.config.vocab_size, self.loss_chunk_rows
+                h,
+                self.lm_head.weight,
+                shift_labels,
+                self.config.vocab_size,
+                self.loss_chunk_rows,
+                self.config.final_logit_softcapping,
             )
         else:
             # The padded vocabulary rows (pad_vocab_size_multiple) make the matmul faster but are cut off here, so
             # a padded id can never be predicted, sampled or counted in the loss.
             logits = self.lm_head(h)[..., : self.config.vocab_size]  # (B, T, vocab_size)
+            cap = self.config.final_logit_softcapping
+            if cap:
+                logits = cap * torch.tanh(logits / cap)  # Gemma 2 / nanochat: |logits| < cap
         if shift_labels is not None and not skip_logits:
             loss = F.cross_entropy(
                 logits.float().reshape(-1, logits.size(-1)),

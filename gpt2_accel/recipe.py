@@ -63,6 +63,49 @@ class ModelArguments:
     attn_implementation: str = _f(
         "sdpa", "'sdpa' (fast kernels) or 'eager' (reference formulas, T x T matrices)."
     )
+    # Modern architecture options (scratch only; docs/architecture.md). Names and meanings are GPT2AccelConfig's.
+    position_embedding_type: str = _f(
+        "learned", "'learned' (GPT-2's wpe table) or 'rope' (rotary positions)."
+    )
+    rope_theta: float | None = _f(None, "Rotary base wavelength; None = 10000 (gpt-oss: 150000). rope only.")
+    rope_scaling: dict | None = _f(
+        None,
+        "YaRN as gpt-oss: {rope_type: yarn, factor: 32, original_max_position_embeddings: 4096, beta_fast: 32, "
+        "beta_slow: 1, truncate: false}. rope only.",
+    )
+    norm_type: str = _f("layernorm", "'layernorm' (GPT-2) or 'rmsnorm'.")
+    norm_elementwise_affine: bool = _f(
+        True, "Learned scale in every norm; false = parameter-free (nanochat)."
+    )
+    norm_after_embedding: bool = _f(False, "Normalise the token embedding before the first block (nanochat).")
+    mlp_type: str = _f(
+        "gelu", "'gelu' (GPT-2), 'swiglu' (Llama, gpt-oss) or 'relu2' (modded-nanogpt, nanochat)."
+    )
+    n_inner: int | None = _f(
+        None, "MLP hidden width; None = 4 * n_embd (swiglu: 8/3 * n_embd, rounded up to 64)."
+    )
+    n_kv_head: int | None = _f(
+        None, "Key/value heads (GQA; 1 = MQA); None = n_head. n_head must be divisible by it."
+    )
+    qk_norm: bool = _f(False, "Normalise queries and keys per head before attention (Qwen3, nanochat).")
+    attention_bias: bool | None = _f(None, "Biases in c_attn/c_proj; None = bias.")
+    mlp_bias: bool | None = _f(None, "Biases in the MLP; None = bias.")
+    tie_word_embeddings: bool = _f(
+        True, "Share the token embedding with the LM head (GPT-2); false = untied."
+    )
+    sliding_window: int | None = _f(
+        None, "Keys per query in sliding_attention layers; None = no local attention."
+    )
+    layer_types: list[str] | None = _f(
+        None,
+        "full_attention / sliding_attention per layer, or a shorter pattern repeated over the layers (gpt-oss: "
+        "[sliding_attention, full_attention]); None = all sliding when sliding_window is set.",
+    )
+    attention_sinks: bool = _f(
+        False, "A learned sink logit per head in every softmax (gpt-oss); attn_type SM only."
+    )
+    final_logit_softcapping: float | None = _f(None, "cap * tanh(logits / cap) on the output (nanochat: 15).")
+    zero_init_output_proj: bool = _f(False, "Initialise the attention and MLP output projections to zero.")
 
 
 @dataclass
@@ -398,6 +441,50 @@ def _check(cond: bool, msg: str) -> None:
         raise RecipeError(msg)
 
 
+def model_config(m: ModelArguments, vocab_size: int, eot_token_id: int | None = None):
+    """The :class:`GPT2AccelConfig` of a from-scratch model: the one place the model section's keys become the
+    architecture (the trainer and ``gpt2-accel bench`` both build it here). ``eot_token_id`` = bos = eos."""
+    from .configuration_gpt2_accel import GPT2AccelConfig
+
+    layer_types = m.layer_types
+    if layer_types and len(layer_types) != m.n_layer:
+        _check(
+            m.n_layer % len(layer_types) == 0,
+            f"layer_types has {len(layer_types)} entries: give one per layer (n_layer={m.n_layer}) or a pattern "
+            "whose length divides n_layer",
+        )
+        layer_types = list(layer_types) * (m.n_layer // len(layer_types))
+    modern = {
+        k: getattr(m, k)
+        for k in (
+            "position_embedding_type", "rope_theta", "rope_scaling", "norm_type", "norm_elementwise_affine",
+            "norm_after_embedding", "mlp_type", "n_inner", "n_kv_head", "qk_norm", "attention_bias", "mlp_bias",
+            "tie_word_embeddings", "sliding_window", "attention_sinks", "final_logit_softcapping",
+            "zero_init_output_proj",
+        )
+    }  # fmt: skip
+    try:
+        config = GPT2AccelConfig(
+            vocab_size=vocab_size,
+            n_positions=m.n_positions,
+            n_embd=m.n_embd,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            dropout=m.dropout if m.dropout is not None else 0.0,
+            bias=m.bias,
+            attn_type=m.attn_type or "SM",
+            pad_vocab_size_multiple=m.pad_vocab_size_multiple,
+            bos_token_id=eot_token_id,
+            eos_token_id=eot_token_id,
+            layer_types=layer_types,
+            **modern,
+        )
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    config._attn_implementation = m.attn_implementation
+    return config
+
+
 def validate(r: Recipe) -> None:
     """Check ranges and relations between keys; each message names the key(s) and the fix."""
     m, d, t = r.model, r.data, r.training
@@ -420,6 +507,8 @@ def validate(r: Recipe) -> None:
             check_attn_type(m.attn_type)
         except ValueError as e:
             raise RecipeError(str(e)) from None
+    if m.init_from == "scratch":  # the architecture keys, checked now rather than after the data is loaded
+        model_config(m, m.vocab_size or 50257)
     names = d.dataset_name if isinstance(d.dataset_name, list) else [d.dataset_name]
     _check(len(names) >= 1 and all(names), "dataset_name must name at least one dataset")
     if d.dataset_weights is not None:

@@ -211,7 +211,10 @@ class Trainer:
             enable()
 
         # Counted before prepare: ZeRO-3 / FSDP leave each rank only its shard of every parameter.
-        n_params = sum(p.numel() for p in self.model.parameters()) - self.model.transformer.wpe.weight.numel()
+        wpe = self.model.transformer.wpe  # None with rotary positions
+        n_params = sum(p.numel() for p in self.model.parameters()) - (
+            wpe.weight.numel() if wpe is not None else 0
+        )
         self.optimizer = build_optimizer(self.model, t, acc.device.type)
         model = self.model
         if t.torch_compile:
@@ -305,7 +308,8 @@ class Trainer:
             return m.n_positions
         local = Path(m.init_from) / "config.json"
         if local.is_file():
-            return int(ckpt.read_json(local)["n_positions"])
+            config = ckpt.read_json(local)  # GPT-2's name, or the standard one (Llama / Qwen3 / NanoChat)
+            return int(config.get("n_positions") or config["max_position_embeddings"])
         if m.init_from in OPENAI_GPT2:
             return 1024  # every OpenAI GPT-2 size has a 1024-token context
         from transformers import AutoConfig
@@ -321,6 +325,7 @@ class Trainer:
     def _build_model(self, resume_dir: Path | None):
         from .configuration_gpt2_accel import GPT2AccelConfig
         from .modeling_gpt2_accel import GPT2AccelForCausalLM
+        from .recipe import model_config
 
         m = self.recipe.model
         overrides = {k: v for k, v in (("dropout", m.dropout), ("attn_type", m.attn_type)) if v is not None}
@@ -333,20 +338,7 @@ class Trainer:
             config._attn_implementation = impl
             model = GPT2AccelForCausalLM(config)
         elif m.init_from == "scratch":
-            config = GPT2AccelConfig(
-                vocab_size=m.vocab_size or self.tokenizer.vocab_size,
-                n_positions=m.n_positions,
-                n_embd=m.n_embd,
-                n_layer=m.n_layer,
-                n_head=m.n_head,
-                dropout=m.dropout if m.dropout is not None else 0.0,
-                bias=m.bias,
-                attn_type=m.attn_type or "SM",
-                pad_vocab_size_multiple=m.pad_vocab_size_multiple,
-                bos_token_id=self.tokenizer.eot_token_id,
-                eos_token_id=self.tokenizer.eot_token_id,
-            )
-            config._attn_implementation = impl
+            config = model_config(m, m.vocab_size or self.tokenizer.vocab_size, self.tokenizer.eot_token_id)
             model = GPT2AccelForCausalLM(config)
         else:
             model = load_pretrained_for_training(m.init_from, attn_implementation=impl, **overrides)
@@ -742,7 +734,8 @@ class Trainer:
 
 
 def load_pretrained_for_training(source: str, attn_implementation: str = "sdpa", **overrides):
-    """Our model from ``source``: an OpenAI GPT-2 name, a vanilla GPT-2 dir/repo, or one of ours (run dir/repo)."""
+    """Our model from ``source``: an OpenAI GPT-2 name, a GPT-2 / Llama / Qwen3 / NanoChat transformers directory,
+    or one of ours (run dir/repo)."""
     from transformers import AutoConfig
 
     from .modeling_gpt2_accel import GPT2AccelForCausalLM
@@ -758,10 +751,15 @@ def load_pretrained_for_training(source: str, attn_implementation: str = "sdpa",
             f"init_from={source!r}: not 'scratch', 'resume', an OpenAI GPT-2 name, a local model directory, or a "
             f"reachable Hub repo ({e.__class__.__name__}: {e})"
         ) from None
-    if config.model_type == "gpt2":
-        from .convert import from_hf_gpt2
+    if config.model_type in (
+        "gpt2",
+        "llama",
+        "qwen3",
+        "nanochat",
+    ):  # standard classes convert.from_hf imports
+        from .convert import from_hf
 
-        return from_hf_gpt2(source, attn_implementation=attn_implementation, **overrides)
+        return from_hf(source, attn_implementation=attn_implementation, **overrides)
     return GPT2AccelForCausalLM.from_pretrained(source, attn_implementation=attn_implementation, **overrides)
 
 
@@ -770,7 +768,9 @@ def _check_full_state_dict(state_dict: dict[str, torch.Tensor], model) -> None:
     from .parallel import expected_shapes
 
     shapes = expected_shapes(model.config)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    tied = (
+        set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
+    )
     missing = sorted(k for k in shapes if k not in state_dict and k not in tied)
     wrong = sorted(k for k, v in state_dict.items() if k in shapes and tuple(v.shape) != shapes[k])
     if missing or wrong:

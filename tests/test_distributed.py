@@ -458,3 +458,46 @@ def test_deepspeed_zero3_cpu_offload_trains_like_ddp(tokens, reference, tmp_path
     _assert_same_losses(_losses(run), _losses(reference))
     _assert_complete_export(run)
     torch.testing.assert_close(_logits(run), _logits(reference), rtol=0, atol=1e-4)
+
+
+MODERN = [  # every modern block option at once (docs/architecture.md)
+    "--position_embedding_type=rope",
+    "--norm_type=rmsnorm",
+    "--mlp_type=swiglu",
+    "--n_kv_head=1",
+    "--qk_norm=true",
+    "--sliding_window=8",
+    "--layer_types=sliding_attention,full_attention",
+    "--attention_sinks=true",
+    "--tie_word_embeddings=false",
+    "--final_logit_softcapping=15",
+]
+
+
+def test_two_processes_equal_one_process_with_modern_blocks(tokens, tmp_path):
+    one = tmp_path / "one"
+    _run(_launch("cpu.yaml", 1, tokens, one, "--gradient_accumulation_steps=2", *MODERN))
+    two = tmp_path / "two"
+    proc = _run(_launch("cpu.yaml", 2, tokens, two, *MODERN))
+    assert "processes=2" in proc.stdout + proc.stderr
+    _assert_same_losses(_losses(two), _losses(one))
+    torch.testing.assert_close(_logits(two), _logits(one), rtol=0, atol=1e-4)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(two, trust_remote_code=True)
+    assert config.attention_sinks and config.n_kv_head == 1 and not config.tie_word_embeddings
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_with_modern_blocks_trains_like_one_process(tokens, tmp_path):
+    pytest.importorskip("deepspeed")
+    one = tmp_path / "one"
+    _run(_launch("cpu.yaml", 1, tokens, one, "--gradient_accumulation_steps=2", *MODERN))
+    run = tmp_path / "zero3"
+    uneven = ["--max_eval_samples=13", "--per_device_eval_batch_size=2"]  # see the ZeRO test above
+    proc = _run(_launch("deepspeed_zero3.yaml", 2, tokens, run, *uneven, *MODERN))
+    assert "distributed_type=DEEPSPEED processes=2" in proc.stdout + proc.stderr
+    _assert_same_losses(_losses(run), _losses(one))
+    torch.testing.assert_close(
+        _logits(run), _logits(one), rtol=0, atol=1e-4
+    )  # the gathered export is complete

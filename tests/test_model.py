@@ -326,9 +326,26 @@ def test_save_pretrained_stores_the_tied_embedding_once_and_reloads_identically(
         assert torch.equal(loaded(x).logits, model(x).logits)
 
 
-def test_trust_remote_code_loads_without_the_package(tmp_path):
+MODERN = dict(  # every modern option at once (docs/architecture.md)
+    position_embedding_type="rope",
+    rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    norm_type="rmsnorm",
+    norm_after_embedding=True,
+    mlp_type="swiglu",
+    n_kv_head=2,
+    qk_norm=True,
+    sliding_window=4,
+    layer_types=["sliding_attention", "full_attention"],
+    attention_sinks=True,
+    final_logit_softcapping=10.0,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.mark.parametrize("overrides", [dict(attn_type="GK"), MODERN], ids=["gk", "modern"])
+def test_trust_remote_code_loads_without_the_package(tmp_path, overrides):
     model_dir = tmp_path / "model"
-    model = tiny_model(attn_type="GK")
+    model = tiny_model(**overrides)
     model.save_pretrained(model_dir)
     import json
 
@@ -416,8 +433,9 @@ def test_capability_flags():
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_eager():
-    model = tiny_model()
+@pytest.mark.parametrize("overrides", [{}, MODERN], ids=["gpt2", "modern"])
+def test_torch_compile_matches_eager(overrides):
+    model = tiny_model(**overrides)
     x = ids()
     compiled = torch.compile(model, dynamic=False)
     with torch.no_grad():

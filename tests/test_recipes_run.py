@@ -50,6 +50,12 @@ def test_recipe_trains_two_steps_with_tiny_overrides(path, tmp_path, tiny_openai
         overrides.update(dataset_name="bundled:shakespeare", dataset_config_name=None)
     if recipe.training.hellaswag_data:
         overrides["hellaswag_data"] = str(HELLASWAG_FIXTURE)
+    if recipe.model.n_kv_head:
+        overrides["n_kv_head"] = 1  # TINY has 2 query heads
+    if recipe.model.layer_types:
+        overrides["n_layer"] = len(recipe.model.layer_types)  # one repeat of the layer pattern
+    if recipe.model.sliding_window:
+        overrides["sliding_window"] = 8  # shorter than the 32-token windows, so the band is exercised
     final = Trainer.from_recipe_file(path, overrides).train()
     assert final["step"] == 2 and final["val_loss"] > 0
     assert (tmp_path / "run" / "model.safetensors").is_file()
@@ -57,3 +63,5 @@ def test_recipe_trains_two_steps_with_tiny_overrides(path, tmp_path, tiny_openai
 
     model = GPT2AccelForCausalLM.from_pretrained(tmp_path / "run")
     assert model.config.attn_type == (recipe.model.attn_type or "SM")
+    for key in ("position_embedding_type", "norm_type", "mlp_type", "qk_norm", "attention_sinks"):
+        assert getattr(model.config, key) == getattr(recipe.model, key), key
