@@ -6,8 +6,11 @@ from gpt2_accel import checkpoint as ckpt
 
 
 def _make(output_dir, step, complete=True):
+    """The layout save_checkpoint writes (files resume reads), with stand-in contents; the trainer tests use real ones."""
     tmp = ckpt.staging_dir(output_dir, step)
-    (tmp / "trainer_state.json").write_text("{}")
+    for rel in (*ckpt.REQUIRED, "state/model.safetensors"):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_text(f'{{"step": {step}}}')
     return ckpt.commit(tmp, step) if complete else tmp
 
 
