@@ -341,6 +341,9 @@ SAFE_GLOBALS = frozenset(
         ("torch._utils", "_rebuild_tensor_v3"),
         ("torch._utils", "_rebuild_parameter"),
         ("torch._utils", "_rebuild_parameter_with_state"),
+        ("torch._tensor", "_rebuild_from_type_v2"),  # DeepSpeed's optimizer shards (its args are checked too)
+        ("torch", "Tensor"),
+        ("torch.nn.parameter", "Parameter"),
         ("torch", "Size"),
         ("torch", "device"),
         ("torch", "dtype"),
