@@ -289,9 +289,13 @@ class Trainer:
         self._run_lock = None
 
         def claim() -> None:
-            ckpt.check_output_dir(self.output_dir, RunLock(self.output_dir).path.name)
-            ckpt.check_writable(self.output_dir)
-            self._run_lock = RunLock(self.output_dir, force=t.force_unlock).acquire()
+            ckpt.check_output_dir(self.output_dir, RunLock(self.output_dir).path.name)  # reads only
+            try:
+                self._run_lock = RunLock(self.output_dir, force=t.force_unlock).acquire()
+            except OSError:  # the lock file could not even be created: say why, with the fix
+                ckpt.check_writable(self.output_dir)
+                raise
+            ckpt.check_writable(self.output_dir)  # after the lock: a refused second run writes nothing at all
 
         self._on_main(claim)
 
