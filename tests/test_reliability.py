@@ -381,7 +381,9 @@ def test_the_data_worker_is_gone_after_train_returns_or_raises(tmp_path, how):
     assert multiprocessing.active_children() == []  # joined, not left to the interpreter's exit handler
 
 
-@pytest.mark.parametrize("workers", [0, 1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "workers", [pytest.param(0, marks=pytest.mark.slow), 1, pytest.param(2, marks=pytest.mark.slow)]
+)
 def test_train_exits_within_seconds_when_done_stopped_or_resumed(tmp_path, workers):
     run = tmp_path / "run"
     args = ["--max_steps=3", "--save_steps=100", f"--dataloader_num_workers={workers}"]
@@ -465,3 +467,22 @@ def test_a_read_only_checkpoint_dir_fails_at_start_not_at_the_first_save(finishe
     finally:
         subprocess.run(["chattr", "-i", str(ro)], check=True)
     assert sorted(p.name for p in ro.iterdir()) == ["step_00000002", "step_00000004"]
+
+
+_RAISES = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import test_reliability as T
+from pathlib import Path
+t = T._trainer(Path(sys.argv[1]), dataloader_num_workers=1, max_steps=3, save_steps=100)
+t.callbacks.append(T._AtStep(2, "error"))
+t.train()
+"""
+
+
+def test_a_run_that_raises_exits_instead_of_hanging_on_its_worker(tmp_path):
+    # Before the fix this process never exited: the traceback kept the DataLoader iterator alive, so at exit
+    # multiprocessing SIGTERMed the worker (which ignores it) and joined it for ever.
+    proc = subprocess.run([sys.executable, "-c", _RAISES, str(tmp_path / "run"), str(Path(__file__).parent)],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    assert proc.returncode == 1 and "RuntimeError: boom" in proc.stderr
