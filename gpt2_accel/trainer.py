@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import time
@@ -30,6 +31,11 @@ from .optim import build_optimizer, lr_at
 from .recipe import Recipe, RecipeError, build_recipe, load_recipe
 
 logger = logging.getLogger("gpt2_accel")
+
+# How gloo / NCCL report a peer that died (closed socket) or hung (timeout) inside a collective.
+_PEER_FAILURE = re.compile(
+    r"timed out|timeout|connection (closed|reset)|broken pipe|peer|NCCL", re.IGNORECASE
+)
 
 OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2")
 
@@ -590,6 +596,14 @@ class Trainer:
         self._setup()
         try:
             return self._train()
+        except Exception as e:
+            if self.accelerator.num_processes > 1 and _PEER_FAILURE.search(str(e)):
+                logger.error(
+                    "process %d: a collective failed (%s): another process died, or hung for longer than ddp_timeout="
+                    "%ds. This run stops; relaunch the same command to resume from the last checkpoint",
+                    self.accelerator.process_index, str(e).splitlines()[0][:200], self.recipe.training.ddp_timeout,
+                )  # fmt: skip
+            raise
         finally:
             self._close()  # completed, stopped by a signal, or raised: the data workers stop, the lock is released
 
