@@ -355,19 +355,22 @@ SAFE_GLOBALS = frozenset(
         ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # torch DCP's .metadata (FSDP2): storage layout records and the path they were written to
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        # DeepSpeed ZeRO 1/2/3 model and optimizer states (0.19)
+        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+        ("deepspeed.utils.tensor_fragment", "fragment_address"),
     }
 )
-# Whole modules whose every name is data, not behaviour.
-SAFE_MODULE_PREFIXES = (
-    "numpy.dtypes",
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed.checkpoint.planner",
-    "deepspeed.runtime.zero.config",
-    "deepspeed.runtime.fp16.loss_scaler",
-    "deepspeed.utils.tensor_fragment",
-    "deepspeed.checkpoint.constants",
-)
+# Whole modules whose every name is a data class or an enum, not behaviour.
+SAFE_MODULE_PREFIXES = ("numpy.dtypes", "torch.distributed.checkpoint.metadata")
 _TORCH_DTYPES = {
     "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool", "complex64",
     "complex128", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2",
@@ -388,7 +391,7 @@ def _allowed(module: str, name: str) -> bool:
         return True
     if module == "torch" and (name in _TORCH_DTYPES or name.endswith("Storage")):
         return True
-    return module.startswith(SAFE_MODULE_PREFIXES) and not name.startswith("_")
+    return module.startswith(SAFE_MODULE_PREFIXES)
 
 
 def pickle_globals(data: bytes) -> list[tuple[str, str]]:
