@@ -489,10 +489,8 @@ class Trainer:
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            if self.is_main:
-                shutil.rmtree(
-                    tmp, ignore_errors=True
-                )  # the partial save, never committed: give its space back
+            if self.is_main:  # the partial save was never committed: give its space back
+                shutil.rmtree(tmp, ignore_errors=True)
             previous = ckpt.latest_checkpoint(self.output_dir)
             raise ckpt.CheckpointError(
                 f"the disk is full ({e.strerror}) while saving the checkpoint of step {step} to {tmp.parent}; the "
