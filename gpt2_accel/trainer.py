@@ -486,14 +486,14 @@ class Trainer:
         tmp = Path(self.output_dir) / ckpt.CHECKPOINTS / f".tmp-{ckpt.checkpoint_name(step)}"
         try:
             return self._save_checkpoint(tmp, data_states)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except (OSError, RuntimeError) as e:
+            if not _disk_full(e, tmp.parent):
                 raise
             if self.is_main:  # the partial save was never committed: give its space back
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = ckpt.latest_checkpoint(self.output_dir)
             raise ckpt.CheckpointError(
-                f"the disk is full ({e.strerror}) while saving the checkpoint of step {step} to {tmp.parent}; the "
+                f"the disk is full ({getattr(e, 'strerror', None) or e}) while saving the checkpoint of step {step} to {tmp.parent}; the "
                 f"partial save was discarded and {previous or 'no earlier checkpoint'} is intact. Free space (or lower "
                 "save_total_limit) and relaunch the same command to resume from it"
             ) from e
@@ -899,6 +899,18 @@ def _check_full_state_dict(state_dict: dict[str, torch.Tensor], model) -> None:
             "ZeRO-3 set stage3_gather_16bit_weights_on_model_save: true (accelerate_configs/deepspeed_zero3.yaml); "
             "under FSDP use fsdp_state_dict_type SHARDED_STATE_DICT with Accelerate's get_state_dict"
         )
+
+
+def _disk_full(e: BaseException, directory: Path) -> bool:
+    """ENOSPC / EDQUOT, or a write error on a filesystem with no space left. torch.save reports a full disk as a
+    RuntimeError ("iostream error", "unexpected pos"), without an errno: checked on a full tmpfs (test_reliability)."""
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 16 * 2**20
 
 
 def _default_repo_id(output_dir: Path, token: str | None) -> str:

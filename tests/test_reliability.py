@@ -486,3 +486,37 @@ def test_a_run_that_raises_exits_instead_of_hanging_on_its_worker(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _RAISES, str(tmp_path / "run"), str(Path(__file__).parent)],
                           env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
     assert proc.returncode == 1 and "RuntimeError: boom" in proc.stderr
+
+
+def _mount_tmpfs(path: Path, size_mb: int, remount: bool = False) -> bool:
+    opts = f"remount,size={size_mb}m" if remount else f"size={size_mb}m"
+    path.mkdir(parents=True, exist_ok=True)
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+def test_a_really_full_disk_during_a_save(finished_run, tmp_path):
+    """The same fault on a real filesystem: a tmpfs that holds one checkpoint but not two (root only)."""
+    disk = tmp_path / "disk"
+    per_checkpoint = sum(
+        p.stat().st_size for p in (finished_run / "checkpoints" / "step_00000002").rglob("*")
+    )
+    if os.geteuid() != 0 or not _mount_tmpfs(disk, int(per_checkpoint * 1.6 / 2**20) + 1):
+        pytest.skip("mounting a tmpfs needs root (the write-hook test above covers the same path)")
+    try:
+        run = disk / "run"
+        with pytest.raises(ckpt.CheckpointError, match=r"disk is full.*step 4.*step_00000002 is intact"):
+            _trainer(run).train()
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]
+        assert ckpt.verify(run / "checkpoints" / "step_00000002").ok
+        assert _mount_tmpfs(disk, 512, remount=True)  # space freed
+        _trainer(run).train()
+        assert _losses(run) == _losses(finished_run)
+    finally:
+        subprocess.run(
+            ["umount", "-l", str(disk)], capture_output=True
+        )  # lazy: pytest still holds the traceback
