@@ -20,6 +20,8 @@ See docs/data.md for the user-facing description.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import glob as globlib
 import hashlib
 import itertools
@@ -28,6 +30,7 @@ import os
 import re
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -701,7 +704,11 @@ def _memmap_tokens(path: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 def _ignore_stop_signals(worker_id: int) -> None:
     """Preemption (SIGTERM/SIGINT to the whole process group) is the training process's to handle: it finishes the
-    step and checkpoints. A worker killed by the same signal would crash the run before it could save."""
+    step and checkpoints. A worker killed by the same signal would crash the run before it could save.
+
+    Such a worker also ignores the SIGTERM that multiprocessing's exit handler sends before it joins its daemonic
+    children, so the process would hang at exit: :meth:`TrainLoader.close` (and :func:`_close_all_at_exit`) stop the
+    workers through their queue first and SIGKILL any that did not leave (issue 15)."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -710,6 +717,19 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 def _as_is(x):
     return x
+
+
+# Loaders with live workers, closed at interpreter exit before multiprocessing's own exit handler runs: atexit
+# handlers run last-registered first, and this one is registered after torch/multiprocessing import theirs. torch's
+# own clean-up is a no-op by then (it checks its python_exit_status flag), which is how a run could print 100% and
+# never exit.
+_OPEN_LOADERS: weakref.WeakSet = weakref.WeakSet()
+_WORKER_EXIT_S = 5.0  # a worker that has not left after this long is killed
+
+
+def _close_all_at_exit() -> None:
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
 
 
 class TrainLoader:
@@ -721,6 +741,7 @@ class TrainLoader:
         self._state: dict | None = None
         self._started = False
         self.epoch = 0
+        self._workers_iter = None  # the DataLoader iterator that owns the background worker, if any
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self._started = True
@@ -741,11 +762,33 @@ class TrainLoader:
                     worker_init_fn=_ignore_stop_signals,
                 )
             )
+            self._workers_iter = it
+            if not _OPEN_LOADERS:
+                atexit.register(_close_all_at_exit)  # once per process: registered late, so it runs early
+            _OPEN_LOADERS.add(self)
         for batch, state in it:
             # The state travels WITH its batch, so prefetched batches never advance the saved position.
             self._state = state
             self.epoch = state["epoch"]
             yield batch
+
+    def close(self) -> None:
+        """Stop the background worker now and wait for it (at most a few seconds; then SIGKILL). Idempotent.
+
+        Uses the DataLoader iterator's own shutdown (a sentinel on the index queue), then kills what is left:
+        ``terminate()`` sends SIGTERM, which our workers ignore (see :func:`_ignore_stop_signals`)."""
+        it, self._workers_iter = self._workers_iter, None
+        _OPEN_LOADERS.discard(self)
+        if it is None:
+            return
+        workers = list(getattr(it, "_workers", []))
+        with contextlib.suppress(Exception):
+            it._shutdown_workers()  # private, but the only way to stop workers without dropping every reference
+        for w in workers:
+            w.join(timeout=_WORKER_EXIT_S)
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=_WORKER_EXIT_S)
 
     def state_dict(self) -> dict:
         """This rank's position after the batches consumed so far (JSON-serialisable)."""

@@ -216,6 +216,9 @@ def load_sharded(directory: str | os.PathLike, model: nn.Module, optimizer=None)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from .checkpoint import check_pickles
+
+    check_pickles(directory)  # DCP unpickles .metadata with plain pickle: refuse one that imports code
     msd, osd = get_state_dict(model, optimizer or [])
     state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
     dcp.load(state, checkpoint_id=str(directory))
@@ -241,6 +244,9 @@ def consolidate_checkpoint(directory: str | os.PathLike, key: str = "model") -> 
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    from .checkpoint import check_pickles
+
+    check_pickles(directory)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "full.pt"
         dcp_to_torch_save(str(directory), str(path))

@@ -231,6 +231,16 @@ class TrainingArguments:
         "passive",
         "Console log level: passive (= info), debug (adds third-party routine lines), info, warning, error.",
     )
+    ddp_timeout: int = _f(
+        1800,
+        "Seconds a collective waits for the other processes before the run fails (a dead or hung rank); as "
+        "TrainingArguments. Keep it above the longest checkpoint save or evaluation.",
+    )
+    force_unlock: bool = _f(
+        False,
+        "Take output_dir even if its lock is held or the filesystem has no locks (docs/reliability.md). Only for a "
+        "holder that is gone for sure: a second live writer corrupts the run.",
+    )
 
 
 SECTIONS: dict[str, type] = {"model": ModelArguments, "data": DataArguments, "training": TrainingArguments}
@@ -570,6 +580,7 @@ def validate(r: Recipe) -> None:
     bad = [x for x in t.report_to if x not in valid_trackers]
     _check(not bad, f"report_to has unknown tracker(s) {bad}; use any of {sorted(valid_trackers)}")
     _check(bool(t.output_dir), "output_dir must be set")
+    _check(t.ddp_timeout > 0, "ddp_timeout must be > 0 (seconds)")
     if t.resume_from_checkpoint not in (None, "auto", "never"):
         _check(
             Path(t.resume_from_checkpoint).exists(),

@@ -24,17 +24,25 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .checkpoint import CheckpointError
+    from .runlock import RunLockedError
     from .trainer import Trainer
 
     trainer = Trainer(recipe)
     try:
-        # Set-up errors are the user's to fix (a missing file, a bad column, an unreachable model): one clear line,
-        # no traceback. Errors once training runs keep their traceback.
+        # Set-up errors are the user's to fix (a missing file, a bad column, an unreachable model, a busy or damaged
+        # run directory): one clear line, no traceback. Errors once training runs keep their traceback.
         trainer.setup()
-    except (RecipeError, OSError, ValueError) as e:
+    except (RecipeError, OSError, ValueError, CheckpointError, RunLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer.train()
+    try:
+        trainer.train()
+    except (
+        CheckpointError
+    ) as e:  # e.g. the disk filled during a save: the message says what is intact and what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,13 +9,17 @@ through ``accelerator.prepare``; the model never knows.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
 import platform
+import re
+import shutil
 import signal
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,11 @@ from .optim import build_optimizer, lr_at
 from .recipe import Recipe, RecipeError, build_recipe, load_recipe
 
 logger = logging.getLogger("gpt2_accel")
+
+# How gloo / NCCL report a peer that died (closed socket) or hung (timeout) inside a collective.
+_PEER_FAILURE = re.compile(
+    r"timed out|timeout|connection (closed|reset)|broken pipe|peer|NCCL", re.IGNORECASE
+)
 
 OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2")
 
@@ -90,6 +99,13 @@ class Trainer:
     def _setup(self) -> None:
         if self._built:
             return
+        try:
+            self._build()
+        except BaseException:
+            self._close()  # a refused or failed set-up leaves no lock held and no worker running
+            raise
+
+    def _build(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import DistributedType, set_seed
 
@@ -103,8 +119,10 @@ class Trainer:
 
         self.launch = launch_request()  # what accelerate launch / torchrun was asked for
         backend = process_group_backend(self.launch)
+        # A dead or hung rank fails the others' collectives after ddp_timeout instead of blocking them for ever.
+        pg_kwargs = InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=t.ddp_timeout))
         self.accelerator = acc = Accelerator(
-            kwargs_handlers=[InitProcessGroupKwargs(backend=backend)] if backend else None,
+            kwargs_handlers=[pg_kwargs],
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=mp,
             log_with=log_with,
@@ -112,12 +130,13 @@ class Trainer:
             cpu=wants_cpu(self.launch),  # multi-process gloo on CPU (see parallel.wants_cpu)
         )
         self._check_world(acc)
+        self.is_main = acc.is_main_process
+        setup_logging(t.log_level, main_process=self.is_main)
+        self._claim_output_dir()
         if acc.device.type == "cuda":
             # fp32 matmuls on tensor cores (tf32), as nanoGPT does; bf16/fp16 runs are unaffected
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.is_main = acc.is_main_process
-        setup_logging(t.log_level, main_process=self.is_main)
         dist = acc.distributed_type
         logger.info(
             "launch: distributed_type=%s processes=%d machines=%s mixed_precision=%s device=%s",
@@ -269,6 +288,51 @@ class Trainer:
 
         check_world(self.launch, acc.num_processes, acc.distributed_type)
 
+    def _claim_output_dir(self) -> None:
+        """One writer per run directory (runlock.py): the main process checks output_dir is ours and writable, then
+        locks it for the life of the run. Every rank raises the same error if that fails."""
+        from .runlock import RunLock
+
+        t = self.recipe.training
+        self._run_lock = None
+
+        def claim() -> None:
+            ckpt.check_output_dir(self.output_dir, RunLock(self.output_dir).path.name)  # reads only
+            try:
+                self._run_lock = RunLock(self.output_dir, force=t.force_unlock).acquire()
+            except OSError:  # the lock file could not even be created: say why, with the fix
+                ckpt.check_writable(self.output_dir)
+                raise
+            ckpt.check_writable(self.output_dir)  # after the lock: a refused second run writes nothing at all
+
+        self._on_main(claim)
+
+    def _on_main(self, fn):
+        """Run ``fn`` on the main process and hand its result (or its exception) to every rank. Collective."""
+        out: list[Any] = [None, None]
+        if self.is_main:
+            try:
+                out = [fn(), None]
+            except Exception as e:
+                out = [None, e]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(out)
+        if out[1] is not None:
+            raise out[1]
+        return out[0]
+
+    def _close(self) -> None:
+        """Stop the data workers and give the run directory up. Every exit path of set-up and train() calls it."""
+        loader = getattr(self, "train_loader", None)
+        if loader is not None:
+            loader.close()
+        self._restore_signal_handlers()
+        lock = getattr(self, "_run_lock", None)
+        if lock is not None:
+            lock.release()
+
     def _find_resume_dir(self) -> Path | None:
         t, m = self.recipe.training, self.recipe.model
         if t.resume_from_checkpoint not in (None, "auto", "never"):
@@ -281,8 +345,19 @@ class Trainer:
                         "marker) nor a run directory with one"
                     )
                 path = latest
+            v = self._on_main(lambda: ckpt.verify(path))
+            if not v.ok:  # another run's checkpoint, named explicitly: reported, never renamed
+                raise ckpt.CheckpointError(
+                    f"resume_from_checkpoint {str(path)!r} is damaged: {'; '.join(v.problems)}. Point it at an intact "
+                    "checkpoint (`gpt2-accel checkpoints RUN_DIR` lists them)"
+                )
             return path
         latest = ckpt.latest_checkpoint(self.output_dir)
+        resuming = m.init_from == "resume" or (
+            t.resume_from_checkpoint == "auto" and not t.overwrite_output_dir
+        )
+        if latest is not None and resuming:
+            latest = self._newest_intact()
         if m.init_from == "resume":
             if latest is None:
                 raise RecipeError(
@@ -298,6 +373,21 @@ class Trainer:
             f"output_dir {str(self.output_dir)!r} already holds checkpoints; use resume_from_checkpoint=auto to "
             "continue, overwrite_output_dir=true to start over there, or another output_dir"
         )
+
+    def _newest_intact(self) -> Path:
+        """The newest checkpoint that verifies; damaged ones are renamed aside with a warning (checkpoint.py)."""
+
+        def find():
+            path, skipped = ckpt.newest_intact_checkpoint(self.output_dir)
+            if path is None:
+                moved = ", ".join(str(p) for p, _ in skipped)
+                raise ckpt.CheckpointError(
+                    f"output_dir {str(self.output_dir)!r} has no intact checkpoint left: {moved} failed verification "
+                    "(renamed, kept). Restore a checkpoint from a copy, or set overwrite_output_dir=true to start over"
+                )
+            return path
+
+        return self._on_main(find)
 
     def _model_n_positions(self, resume_dir: Path | None) -> int:
         """The context length of the model the run will train, read without building (or downloading) it."""
@@ -358,6 +448,12 @@ class Trainer:
                 + "; ".join(diffs)
                 + ". Restore those keys, use another output_dir, or set allow_recipe_change=true"
             )
+        # Resume never runs code from a checkpoint: every pickle it would load is checked first (checkpoint.py).
+        ckpt.check_pickles(path / "state")
+        unwrapped = acc.unwrap_model(self.model_engine)
+        ckpt.check_state_shapes(
+            path / "state", {k: tuple(v.shape) for k, v in unwrapped.state_dict().items()}
+        )
         acc.load_state(str(path / "state"))
         st = ckpt.read_json(path / "trainer_state.json")
         self.state = TrainerState(**st)
@@ -376,12 +472,28 @@ class Trainer:
         """Write a resumable checkpoint of the current step; atomic (see checkpoint.py). Collective: all ranks."""
         from accelerate.utils import gather_object
 
-        acc, step = self.accelerator, self.state.step
+        step = self.state.step
         data_states = gather_object([self.train_loader.state_dict()])  # one entry per rank, in rank order
+        tmp = Path(self.output_dir) / ckpt.CHECKPOINTS / f".tmp-{ckpt.checkpoint_name(step)}"
+        try:
+            return self._save_checkpoint(tmp, data_states)
+        except (OSError, RuntimeError) as e:
+            if not _disk_full(e, tmp.parent):
+                raise
+            if self.is_main:  # the partial save was never committed: give its space back
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = ckpt.latest_checkpoint(self.output_dir)
+            raise ckpt.CheckpointError(
+                f"the disk is full ({getattr(e, 'strerror', None) or e}) while saving the checkpoint of step {step} to {tmp.parent}; the "
+                f"partial save was discarded and {previous or 'no earlier checkpoint'} is intact. Free space (or lower "
+                "save_total_limit) and relaunch the same command to resume from it"
+            ) from e
+
+    def _save_checkpoint(self, tmp: Path, data_states: list[dict]) -> Path:
+        acc, step = self.accelerator, self.state.step
         if self.is_main:
             ckpt.staging_dir(self.output_dir, step)
         acc.wait_for_everyone()
-        tmp = Path(self.output_dir) / ckpt.CHECKPOINTS / f".tmp-{ckpt.checkpoint_name(step)}"
         acc.save_state(str(tmp / "state"))
         self._export_model(tmp / "model")
         if self.is_main:
@@ -472,6 +584,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         self._setup()
+        try:
+            return self._train()
+        except Exception as e:
+            if self.accelerator.num_processes > 1 and _PEER_FAILURE.search(str(e)):
+                logger.error(
+                    "process %d: a collective failed (%s): another process died, or hung for longer than ddp_timeout="
+                    "%ds. This run stops; relaunch the same command to resume from the last checkpoint",
+                    self.accelerator.process_index, str(e).splitlines()[0][:200], self.recipe.training.ddp_timeout,
+                )  # fmt: skip
+            raise
+        finally:
+            self._close()  # completed, stopped by a signal, or raised: the data workers stop, the lock is released
+
+    def _train(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         acc, t = self.accelerator, self.recipe.training
@@ -590,11 +716,10 @@ class Trainer:
                 logger.info(
                     "stopped by signal at step %d; checkpoint written, relaunch to resume", self.state.step
                 )
-                self._restore_signal_handlers()
                 return {"step": self.state.step, "stopped": True}
 
         bar.close()
-        self._restore_signal_handlers()
+        # The signal handlers stay until train() returns: a SIGTERM during the final save lets it finish whole.
         final: dict[str, Any] = {"step": self.state.step}
         if self.state.step > start_step or not (self.output_dir / "model.safetensors").exists():
             if last_eval != self.state.step:
@@ -722,7 +847,8 @@ class Trainer:
                 self._old_handlers[sig] = signal.signal(sig, handler)
 
     def _restore_signal_handlers(self) -> None:
-        for sig, old in getattr(self, "_old_handlers", {}).items():
+        handlers, self._old_handlers = getattr(self, "_old_handlers", {}), {}
+        for sig, old in handlers.items():
             with contextlib.suppress(ValueError):
                 signal.signal(sig, old)
 
@@ -779,6 +905,18 @@ def _check_full_state_dict(state_dict: dict[str, torch.Tensor], model) -> None:
             "ZeRO-3 set stage3_gather_16bit_weights_on_model_save: true (accelerate_configs/deepspeed_zero3.yaml); "
             "under FSDP use fsdp_state_dict_type SHARDED_STATE_DICT with Accelerate's get_state_dict"
         )
+
+
+def _disk_full(e: BaseException, directory: Path) -> bool:
+    """ENOSPC / EDQUOT, or a write error on a filesystem with no space left. torch.save reports a full disk as a
+    RuntimeError ("iostream error", "unexpected pos"), without an errno: checked on a full tmpfs (test_reliability)."""
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 16 * 2**20
 
 
 def _default_repo_id(output_dir: Path, token: str | None) -> str:

@@ -6,8 +6,11 @@ from gpt2_accel import checkpoint as ckpt
 
 
 def _make(output_dir, step, complete=True):
+    """The layout save_checkpoint writes (files resume reads), with stand-in contents; the trainer tests use real ones."""
     tmp = ckpt.staging_dir(output_dir, step)
-    (tmp / "trainer_state.json").write_text("{}")
+    for rel in (*ckpt.REQUIRED, "state/model.safetensors"):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_text(f'{{"step": {step}}}')
     return ckpt.commit(tmp, step) if complete else tmp
 
 
@@ -54,3 +57,25 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     ckpt.write_json(p, {"a": 2})
     assert ckpt.read_json(p) == {"a": 2}
     assert not list(tmp_path.glob(".x.json.tmp-*"))
+
+
+def test_clock_jumps_do_not_reorder_or_overwrite(tmp_path):
+    import os
+
+    old, new = _make(tmp_path, 100), _make(tmp_path, 200)
+    os.utime(new, (0, 0))  # the clock jumped back before the newer save...
+    os.utime(old, (4e9, 4e9))  # ...or forward before the older one
+    assert ckpt.latest_checkpoint(tmp_path) == new  # ordered by step, never by time
+    (new / "marker").write_text("first")
+    assert _make(tmp_path, 200) == new and (new / "marker").read_text() == "first"  # same step: no overwrite
+
+
+def test_recommit_over_a_damaged_checkpoint_keeps_it_aside(tmp_path):
+    first = _make(tmp_path, 100)
+    (first / "data_state.json").write_text(
+        "{}x"
+    )  # damaged after its commit (same size + 1: the manifest sees it)
+    again = _make(tmp_path, 100)
+    assert again == first and ckpt.verify(again).ok
+    aside = tmp_path / "checkpoints" / "step_00000100.corrupt"
+    assert aside.is_dir() and (aside / "data_state.json").read_text() == "{}x"  # kept, not deleted

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -349,6 +350,16 @@ FSDP_WORKER = textwrap.dedent(
 )
 
 
+class _CreatesFile:
+    """Unpickling this creates ``path`` (what a poisoned checkpoint would do with os.system instead)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def _torch_dist(script: Path, world: int, *args: str) -> None:
     port = str(_free_port())
     procs = [
@@ -382,6 +393,15 @@ def test_fsdp2_wrap_sharded_save_load_across_world_sizes_and_consolidation(tmp_p
     assert set(offline) >= set(gathered) - {"lm_head.weight"}
     for k in offline:
         assert torch.equal(offline[k], gathered[k]), k
+    # DCP unpickles .metadata with plain pickle: a poisoned one is refused before it is read, its payload never runs
+    from gpt2_accel.checkpoint import CheckpointError
+
+    poisoned, marker = tmp_path / "poisoned", tmp_path / "pwned"
+    shutil.copytree(tmp_path / "ckpt", poisoned)
+    (poisoned / ".metadata").write_bytes(pickle.dumps(_CreatesFile(marker)))
+    with pytest.raises(CheckpointError, match=r"\.metadata would import io\.open"):
+        consolidate_checkpoint(poisoned)
+    assert not marker.exists()
     # the export from the gathered state loads in one process, with the tied head, and gives the same logits
     from transformers import AutoModelForCausalLM
 
@@ -501,3 +521,51 @@ def test_deepspeed_zero3_with_modern_blocks_trains_like_one_process(tokens, tmp_
     torch.testing.assert_close(
         _logits(run), _logits(one), rtol=0, atol=1e-4
     )  # the gathered export is complete
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a rank that dies or hangs (docs/reliability.md)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_rank_that_dies_or_hangs_ends_the_run_in_bounded_time(tokens, tmp_path, fault):
+    import signal
+    import time
+
+    import psutil
+
+    run, timeout_s = tmp_path / "run", 20
+    cmd = _launch(
+        "cpu.yaml",
+        2,
+        tokens,
+        run,
+        "--max_steps=1000000",
+        "--save_steps=1000000",
+        f"--ddp_timeout={timeout_s}",
+    )
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        t0 = time.time()
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size):
+            assert proc.poll() is None and time.time() - t0 < TIMEOUT, "the run did not start"
+            time.sleep(0.2)
+        ranks = {}
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            rank = child.environ().get("RANK")
+            if rank is not None and "gpt2_accel.train" in " ".join(child.cmdline()):
+                ranks[rank] = child
+        ranks["1"].send_signal(getattr(signal, fault))  # a node lost, or a rank stuck (D state, deadlock)
+        t0 = time.time()
+        out, _ = proc.communicate(timeout=TIMEOUT)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode != 0
+    # bounded: a dead peer is noticed at once (closed socket), a hung one after ddp_timeout; plus torchrun's teardown
+    assert elapsed < timeout_s + 60, elapsed
+    assert "another process died, or hung for longer than ddp_timeout=20s" in out
+    assert "relaunch the same command to resume" in out
