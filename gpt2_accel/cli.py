@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: gpt2-accel <command> [args...]\n\ncommands:")
         for name, (_, doc) in COMMANDS.items():
-            print(f"  {name:<9} {doc}")
+            print(f"  {name:<11} {doc}")
         print("\n`gpt2-accel <command> --help` documents each command.")
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):

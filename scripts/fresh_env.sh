@@ -15,7 +15,8 @@ fresh_env() {
   "$venv/bin/python" -m pip install --quiet --upgrade pip uv 2>&1 | grep -v "is ignored: it is neither" >&2
   # shellcheck disable=SC2086
   "$venv/bin/python" -m pip install --quiet $torch_spec 2>&1 | grep -v "is ignored: it is neither" >&2
-  tv="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')" || return 1
+  # the distribution's version (torch.__version__ can carry a build label the index does not, e.g. +cu130)
+  tv="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')" || return 1
   echo "torch==$tv" > "$dir/torch.txt"
   [ "$mode" = lowest ] && resolution=(--resolution lowest-direct)
   [ "$mode" = newest ] && resolution=(--upgrade)
