@@ -171,6 +171,7 @@ def to_hf_gpt2(model: GPT2AccelForCausalLM):
     hf_config = GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.n_positions,
+        n_ctx=cfg.n_positions,  # GPT-2's older name for the context; llama.cpp's converter requires it
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,

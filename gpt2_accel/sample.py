@@ -38,22 +38,32 @@ def resolve_model_path(model: str) -> str:
 
 def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load the causal LM at ``model`` (directory or Hub id) and its tokenizer (else the bundled GPT-2 one)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     # Importing this module imported gpt2_accel, which registered our Auto classes; trust_remote_code=True lets
     # other custom-code checkpoints load too.
     path = resolve_model_path(model)
     lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
     lm.to(device).eval()
+    tok = load_tokenizer(path)
+    if tok is None:
+        tok = _bundled_gpt2(f"{path} has no tokenizer files")
+    return lm, tok
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved with the model at ``path`` (directory or Hub id); None when a directory has none."""
+    from transformers import AutoTokenizer
+
     local = Path(path)
     if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
-        tok = _bundled_gpt2(f"{path} has no tokenizer files")
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            tok = _bundled_gpt2(f"could not load the tokenizer of {path} ({e.__class__.__name__})")
-    return lm, tok
+        return None
+    try:
+        # As for the model: transformers reads config.json (whose auto_map names custom code) before the
+        # tokenizer files, and would otherwise stop to ask.
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    except (OSError, ValueError) as e:
+        return _bundled_gpt2(f"could not load the tokenizer of {path} ({e.__class__.__name__})")
 
 
 def _bundled_gpt2(why: str):

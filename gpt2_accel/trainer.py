@@ -425,7 +425,7 @@ class Trainer:
             model.config.use_cache = True  # for the people who load it to generate
             model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
             model.config.use_cache = False
-            self.tokenizer.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory, model_max_length=model.config.n_positions)
 
     # ------------------------------------------------------------------------------------------------------------
     # evaluation
