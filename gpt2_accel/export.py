@@ -361,10 +361,13 @@ def write_onnx(model, directory: Path, tokenizer=None) -> None:
     for with_past, name in ((False, "decoder_model.onnx"), (True, "decoder_with_past_model.onnx")):
         inputs, outputs = onnx_io_names(L, with_past)
         past = tuple(torch.zeros(2, nh, 4, hs) for _ in range(2 * L)) if with_past else ()
-        shapes = ({0: batch, 1: seq}, *({0: batch, 2: past_len} for _ in past))
+        # forward(input_ids, *past): torch.export sees the varargs as one tuple argument
+        shapes = ({0: batch, 1: seq},) + (
+            (tuple({0: batch, 2: past_len} for _ in past),) if with_past else ()
+        )
         with torch.no_grad():
             program = torch.onnx.export(
-                _OnnxDecoder(model, with_past),
+                _OnnxDecoder(model, with_past).eval(),
                 (ids, *past),
                 dynamo=True,
                 input_names=inputs,
