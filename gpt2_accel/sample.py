@@ -92,11 +92,13 @@ def generate_samples(
     top_p: float | None = None,
     seed: int = 1337,
     stream: bool = False,
+    compile: bool = False,
 ) -> list[str]:
     """Generate ``num_samples`` continuations of ``prompt``; return the full texts (prompt + continuation).
 
     The RNG is seeded once with ``seed`` before the first sample, as nanoGPT does, so a seed fixes all samples.
-    ``temperature`` 0 is greedy decoding. With ``stream`` the text is printed token by token.
+    ``temperature`` 0 is greedy decoding. With ``stream`` the text is printed token by token. ``compile`` (CUDA)
+    compiles our model's decoding step with CUDA graphs (see gpt2_accel.decode).
     """
     from transformers import TextStreamer
 
@@ -142,14 +144,29 @@ def generate_samples(
         )
     else:
         gen_kwargs.update(temperature=None, top_k=None, top_p=None)
+    from .decode import Decoder, supports_fast_decoding
+
+    # Our model decodes with a static KV cache and no per-token generate() machinery (gpt2_accel.decode);
+    # other transformers models go through generate().
+    decoder = Decoder(model, compile=compile) if supports_fast_decoding(model) else None
     torch.manual_seed(seed)
     texts = []
     for i in range(num_samples):
         streamer = TextStreamer(tokenizer, skip_prompt=False) if stream else None
-        with torch.no_grad():
-            out = model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **gen_kwargs
+        if decoder is not None:
+            out = decoder.generate(
+                input_ids,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                streamer=streamer,
             )
+        else:
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **gen_kwargs
+                )
         texts.append(tokenizer.decode(out[0].tolist()))
         if stream and i < num_samples - 1:
             print("---------------", flush=True)
@@ -179,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="CUDA: compile the decoding step with a static cache and CUDA graphs (first sample pays compilation)",
     )
     p.add_argument(
         "--no-stream",
@@ -214,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stream=args.stream,
+        compile=args.compile,
     )
     if not args.stream:
         for text in texts:
