@@ -217,13 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                     ok &= res.pop("identical")
                     for m, (w, c, sw, sc) in res.items():
                         tps = batch * a.new / w
-                        # by wall time, and by process CPU time (steadier when other jobs share the cores)
-                        of_floor = (
-                            f"  {100 * (a.new / w) * floor:5.1f}% of floor (cpu time: "
-                            f"{100 * (a.new / c) * floor * threads:5.1f}%)"
-                            if batch == 1
-                            else ""
-                        )
+                        of_floor = f"  {100 * (a.new / w) * floor:5.1f}% of floor" if batch == 1 else ""
                         print(
                             f"  {m:<11}{tps:8.1f} tokens/s  wall {w:6.2f} s  cpu {c:6.2f} s  "
                             f"speed-up vs recompute: wall {sw:5.1f}x  cpu {sc:5.1f}x{of_floor}"

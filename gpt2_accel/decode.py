@@ -6,11 +6,11 @@ processors, stopping criteria, input preparation, a growing ``DynamicCache``) th
 small model's step. This loop keeps only the work:
 
 * a static KV cache: one (B, n_head, prompt + new, head_dim) buffer per layer, written in place (no concat);
-* the blocks' own modules (``ln_1``, ``c_attn``, ``c_proj``, ``mlp``...) and :func:`causal_attention`, so every
-  attention variant decodes exactly as the model's forward does;
-* the LM head as ``h @ W^T`` with ``W^T`` stored (n_embd, vocab) contiguous: on CPU the (vocab, n_embd)
-  matrix-vector product through ``F.linear`` runs ~1.8x slower than through this layout
-  (``benchmarks/bench_generate.py --components``, measured interleaved);
+* the blocks' LayerNorms and :func:`causal_attention`, so every attention variant decodes as the forward does;
+* every matrix (the LM head and the blocks' Linear layers) as ``x @ W^T`` with ``W^T`` stored (in, out)
+  contiguous: on this 2-core CPU the (50304 x 384) head's matrix-vector product through ``F.linear`` ran ~1.8x
+  slower than ``torch.mm`` with the transposed copy (interleaved, best of 5). The copies double the weights'
+  memory while sampling;
 * on CUDA, ``compile=True`` compiles the one-token step over the full-length buffer (a fixed shape, keys past the
   current position masked) with CUDA graphs (``mode="reduce-overhead"``), the known lever for small-batch GPU
   decoding (gpt-fast, PyTorch blog 2023).
@@ -29,10 +29,20 @@ from .attention import causal_attention
 
 
 def supports_fast_decoding(model) -> bool:
-    """True for our model class (any attention variant); other models sample through ``generate()``."""
+    """True for our model class when this decoder computes exactly its forward; others use ``generate()``.
+
+    The decoder re-expresses the GPT-2 block (LayerNorm, attention with learned positions, GELU MLP); a model
+    built with other architecture options would decode wrongly, so a 4-token prompt and one cached step are
+    checked against the model's own forward (two tiny forwards) before it is trusted.
+    """
     from .modeling_gpt2_accel import GPT2AccelForCausalLM
 
-    return isinstance(model, GPT2AccelForCausalLM)
+    if not isinstance(model, GPT2AccelForCausalLM) or model.config.n_positions < 5:
+        return False
+    try:
+        return Decoder(model).agrees_with_model()
+    except Exception:  # an architecture option the decoder does not know (a missing module, another shape)
+        return False
 
 
 class Decoder:
@@ -46,6 +56,12 @@ class Decoder:
         self.t = model.transformer
         # (n_embd, vocab_size): the head's real rows only, transposed once (see module docstring).
         self.head_t = model.lm_head.weight[: self.cfg.vocab_size].detach().t().contiguous()
+        # The blocks' Linear layers, transposed the same way: (in, out) weights for torch.addmm.
+        self.lin = [
+            {name: _transposed(getattr(block.attn, n) if "attn" in name else getattr(block.mlp, n))
+             for name, n in (("attn_qkv", "c_attn"), ("attn_out", "c_proj"), ("mlp_in", "c_fc"), ("mlp_out", "c_proj"))}
+            for block in self.t.h
+        ]  # fmt: skip
         compile = compile and next(model.parameters()).device.type == "cuda"
         self.static = compile if static is None else (static or compile)
         self.step = self._step_static if self.static else self._step
@@ -60,8 +76,8 @@ class Decoder:
         hs = C // nh
         impl = "eager" if self.cfg._attn_implementation == "eager" else "sdpa"
         for i, block in enumerate(self.t.h):
-            a = block.attn
-            q, k, v = a.c_attn(block.ln_1(x)).split(C, dim=2)  # 3 x (B, T, C)
+            lin = self.lin[i]
+            q, k, v = _linear(block.ln_1(x), lin["attn_qkv"]).split(C, dim=2)  # 3 x (B, T, C)
             q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
             self.k[i][:, :, start:end] = k.view(B, T, nh, hs).transpose(1, 2)
             self.v[i][:, :, start:end] = v.view(B, T, nh, hs).transpose(1, 2)
@@ -75,8 +91,8 @@ class Decoder:
                 attention_mask=mask,
                 implementation=impl,
             )  # (B, nh, T, hs)
-            x = x + a.c_proj(y.transpose(1, 2).reshape(B, T, C))
-            x = x + block.mlp(block.ln_2(x))
+            x = x + _linear(y.transpose(1, 2).reshape(B, T, C), lin["attn_out"])
+            x = x + _mlp(block.ln_2(x), lin)
         return self.t.ln_f(x)  # (B, T, C)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -102,17 +118,35 @@ class Decoder:
         nh = self.cfg.n_head
         hs = C // nh
         for i, block in enumerate(self.t.h):
-            a = block.attn
-            q, k, v = a.c_attn(block.ln_1(x)).split(C, dim=2)
+            lin = self.lin[i]
+            q, k, v = _linear(block.ln_1(x), lin["attn_qkv"]).split(C, dim=2)
             q = q.view(B, 1, nh, hs).transpose(1, 2)
             self.k[i].index_copy_(2, pos[None], k.view(B, 1, nh, hs).transpose(1, 2))
             self.v[i].index_copy_(2, pos[None], v.view(B, 1, nh, hs).transpose(1, 2))
             y = causal_attention(
                 q, self.k[i], self.v[i], self.cfg.attn_type, self.cfg.n_positions, attention_mask=mask
             )
-            x = x + a.c_proj(y.transpose(1, 2).reshape(B, 1, C))
-            x = x + block.mlp(block.ln_2(x))
+            x = x + _linear(y.transpose(1, 2).reshape(B, 1, C), lin["attn_out"])
+            x = x + _mlp(block.ln_2(x), lin)
         return self._logits(self.t.ln_f(x)[:, -1])
+
+    @torch.inference_mode()
+    def agrees_with_model(self, atol: float = 1e-3) -> bool:
+        """Do the prefill and one cached step give the model's own logits (a random 5-token sequence)?"""
+        dev = self.t.wte.weight.device
+        ids = torch.randint(0, self.cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0)).to(
+            dev
+        )
+        want = self.model(ids, use_cache=False).logits[0, -2:].float()  # (2, V)
+        self._alloc(1, 5)
+        got = torch.stack([self._prefill(ids[:, :4])[0], self._step(ids[:, 4:], 4)[0]]).float()
+        return bool(torch.allclose(got, want, atol=atol, rtol=1e-3))
+
+    def _alloc(self, batch: int, total: int) -> None:
+        w = self.t.wte.weight
+        shape = (batch, self.cfg.n_head, total, self.cfg.n_embd // self.cfg.n_head)
+        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.t.h]
+        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.t.h]
 
     # -------------------------------------------------------------------------------------------- the loop
     @torch.inference_mode()
@@ -134,11 +168,7 @@ class Decoder:
                 f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the context n_positions="
                 f"{self.cfg.n_positions}"
             )
-        w = self.t.wte.weight
-        C, nh = self.cfg.n_embd, self.cfg.n_head
-        shape = (B, nh, total, C // nh)
-        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.t.h]
-        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.t.h]
+        self._alloc(B, total)
         out = torch.empty(B, total, dtype=torch.long, device=input_ids.device)
         out[:, :T] = input_ids
         if streamer is not None:
@@ -157,6 +187,24 @@ class Decoder:
         if streamer is not None:
             streamer.end()
         return out
+
+
+def _transposed(layer: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = layer.weight.detach().t().contiguous()  # (in, out)
+    return w, (layer.bias.detach() if layer.bias is not None else None)
+
+
+def _linear(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """``F.linear`` with an (in, out) weight: (..., in) -> (..., out)."""
+    w, b = wb
+    x2 = x.reshape(-1, x.size(-1))
+    y = torch.addmm(b, x2, w) if b is not None else torch.mm(x2, w)
+    return y.view(*x.shape[:-1], w.size(1))
+
+
+def _mlp(x: torch.Tensor, lin: dict) -> torch.Tensor:
+    """GPT-2's MLP (GPT2AccelMLP.forward) through the transposed weights."""
+    return _linear(F.gelu(_linear(x, lin["mlp_in"]), approximate="tanh"), lin["mlp_out"])
 
 
 def _choose(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:

@@ -227,3 +227,17 @@ def test_fast_decoder_sampling_follows_top_k_top_p_and_the_seed():
     for _ in range(400):
         seen.scatter_(1, _choose(logits, 1.0, 20, 0.7)[:, None], True)
     assert torch.equal(seen | kept, kept)
+
+
+def test_fast_decoder_refuses_a_block_it_does_not_compute():
+    """An architecture option the decoder does not re-express (here a ReLU MLP) is caught by its self-check, so
+    sampling falls back to generate() instead of decoding wrongly."""
+    from conftest import tiny_model
+
+    from gpt2_accel.decode import supports_fast_decoding
+
+    model = tiny_model(initializer_range=0.2)
+    assert supports_fast_decoding(model)
+    mlp = model.transformer.h[1].mlp
+    mlp.forward = lambda x: mlp.c_proj(torch.relu(mlp.c_fc(x)))
+    assert not supports_fast_decoding(model)
