@@ -13,6 +13,15 @@ Shapes (batch 1, 256 new greedy tokens): ``ref`` = issue 9's reference model (6 
 * ``cache-loop``: a minimal cached loop: the prompt once into a ``DynamicCache``, then one token per forward.
 * ``generate``: transformers' ``generate()`` on our model (greedy, cache): the loop above plus its per-token
   machinery (logits processors, stopping criteria, input preparation).
+* ``fast``: ``gpt2_accel.decode.Decoder``, what ``gpt2-accel sample`` runs: a static KV cache and the LM head
+  through a transposed copy of its weight (issue 19).
+
+The batch-1 floor (issue 19) is printed first: bytes of weights (each decoded token reads all of them once) over
+the memory read bandwidth measured in the same run (best of 7 sums over a 512 MB buffer); each batch-1 method's
+tokens/s is also given as a percentage of it. ``--batch 1,8,32`` decodes that many prompts together (tokens/s
+counts every row).
+
+    python benchmarks/bench_generate.py --shape ref --prompt 1 --threads 2 --batch 1,8,32 --methods generate,fast
 
 All three must produce the same tokens; the script checks it. Reported: median wall time and process CPU time (all
 threads; steadier on a shared host) per method, and the median of per-round ratios recompute / method.
@@ -77,11 +86,41 @@ def generate_recompute(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_to
     return ids
 
 
+@torch.no_grad()
+def generate_fast(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """gpt2_accel.decode.Decoder, what `gpt2-accel sample` runs: static cache, transposed LM head."""
+    from gpt2_accel.decode import Decoder
+
+    dec = getattr(model, "_bench_decoder", None)
+    if dec is None:  # built once per model, as sample builds it once per run
+        dec = model._bench_decoder = Decoder(model)
+    return dec.generate(prompt, new_tokens)
+
+
 METHODS: dict[str, Callable] = {
     "recompute": generate_recompute,
     "cache-loop": generate_cache_loop,
     "generate": generate_hf,
+    "fast": generate_fast,
 }
+
+
+def read_bandwidth(mb: int = 512, rounds: int = 7) -> float:
+    """Memory read bandwidth in bytes/s: best of ``rounds`` sums over an ``mb`` MB fp32 buffer (far beyond the
+    caches), with the torch threads in use. The batch-1 decoding floor is weight bytes / this."""
+    buf = torch.ones(mb * 2**20 // 4)
+    buf.sum()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
+
+
+def weight_bytes(model: GPT2AccelForCausalLM) -> int:
+    """Bytes one decoded token must read: every parameter once (the tied head counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def build(shape: str, vocab: int) -> GPT2AccelForCausalLM:
@@ -101,10 +140,12 @@ def build(shape: str, vocab: int) -> GPT2AccelForCausalLM:
     return GPT2AccelForCausalLM(config).eval()
 
 
-def run_case(model: GPT2AccelForCausalLM, prompt_len: int, new: int, rounds: int, methods: list[str]) -> dict:
+def run_case(
+    model: GPT2AccelForCausalLM, prompt_len: int, new: int, rounds: int, methods: list[str], batch: int = 1
+) -> dict:
     """Interleaved rounds of every method; returns {method: (median wall, median cpu, median speed-up)}."""
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     outs = {m: METHODS[m](model, prompt, 4) for m in methods}  # warm-up (allocator, BLAS threads)
     wall: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
@@ -148,26 +189,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
     )
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (prompts decoded together)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
         a.shape, a.prompt, a.vocab, a.new, a.rounds, a.threads = "tiny", "1,16", 500, 32, 2, "1"
     methods = a.methods.split(",")
     ok = True
-    print(f"torch {torch.__version__}, load {os.getloadavg()[0]:.2f}; batch 1, {a.new} new greedy tokens")
+    print(f"torch {torch.__version__}, load {os.getloadavg()[0]:.2f}; {a.new} new greedy tokens")
     for shape in a.shape.split(","):
         model = build(shape, a.vocab)
         for threads in (int(t) for t in a.threads.split(",")):
             torch.set_num_threads(threads)
-            for prompt_len in (int(x) for x in a.prompt.split(",")):
-                print(f"{shape} {SHAPES[shape]} vocab {a.vocab}, {threads} thread(s), prompt {prompt_len}:")
-                res = run_case(model, prompt_len, a.new, a.rounds, methods)
-                ok &= res.pop("identical")
-                for m, (w, c, sw, sc) in res.items():
+            bw = read_bandwidth()
+            floor = weight_bytes(model) / bw  # s per token at batch 1
+            print(
+                f"{shape}: weights {weight_bytes(model) / 1e6:.1f} MB, read bandwidth {bw / 1e9:.1f} GB/s "
+                f"({threads} thread(s)) -> batch-1 floor {floor * 1e3:.2f} ms/token = {1 / floor:.1f} tokens/s"
+            )
+            for batch in (int(b) for b in a.batch.split(",")):
+                for prompt_len in (int(x) for x in a.prompt.split(",")):
                     print(
-                        f"  {m:<11}{a.new / w:8.1f} tokens/s  wall {w:6.2f} s  cpu {c:6.2f} s  "
-                        f"speed-up vs recompute: wall {sw:5.1f}x  cpu {sc:5.1f}x"
+                        f"{shape} {SHAPES[shape]} vocab {a.vocab}, {threads} thread(s), batch {batch}, "
+                        f"prompt {prompt_len}:"
                     )
+                    res = run_case(model, prompt_len, a.new, a.rounds, methods, batch)
+                    ok &= res.pop("identical")
+                    for m, (w, c, sw, sc) in res.items():
+                        tps = batch * a.new / w
+                        of_floor = f"  {100 * (a.new / w) * floor:5.1f}% of floor" if batch == 1 else ""
+                        print(
+                            f"  {m:<11}{tps:8.1f} tokens/s  wall {w:6.2f} s  cpu {c:6.2f} s  "
+                            f"speed-up vs recompute: wall {sw:5.1f}x  cpu {sc:5.1f}x{of_floor}"
+                        )
     print(f"greedy tokens identical across methods: {ok}")
     return 0 if ok else 1
 

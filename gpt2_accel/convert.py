@@ -529,6 +529,7 @@ def to_hf_gpt2(model: GPT2AccelForCausalLM):
     hf_config = GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.n_positions,
+        n_ctx=cfg.n_positions,  # GPT-2's older name for the context; llama.cpp's converter requires it
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
@@ -542,7 +543,6 @@ def to_hf_gpt2(model: GPT2AccelForCausalLM):
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        n_ctx=cfg.n_positions,  # older GPT-2 configs' name for the context; llama.cpp's converter reads it
     )
     state = {}
     for name, tensor in model.state_dict().items():

@@ -467,7 +467,12 @@ def _parser() -> argparse.ArgumentParser:
         help="--task loss: a dataset (Hub id, local files, 'bundled:shakespeare', as the recipe's dataset_name); "
         "--task hellaswag: the official jsonl path or a Hub id (default: the recipe's hellaswag_data)",
     )
-    p.add_argument("--task", choices=("loss", "hellaswag"), default="loss")
+    p.add_argument(
+        "--task",
+        type=_task,
+        default="loss",
+        help="loss, hellaswag, or lm_eval:<task>[,<task>...] to run lm-evaluation-harness's tasks (its HF backend)",
+    )
     p.add_argument(
         "--split",
         help="loss with --data: the split of that dataset to score (default 'train', the only split of local "
@@ -495,12 +500,23 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype"
     )
     p.add_argument("--trust_remote_code", action="store_true", help="allow Hub models with their own code")
+    p.add_argument("--include_path", help="lm_eval: a directory of your own lm-evaluation-harness task YAMLs")
+    p.add_argument(
+        "--limit", type=float, help="lm_eval: score only this many documents per task (< 1: a fraction)"
+    )
+    p.add_argument("--num_fewshot", type=int, help="lm_eval: few-shot examples (default: each task's own)")
     p.add_argument(
         "--output",
         help="results JSON (default: <model_dir>/eval_results_<task>.json, or "
         "./eval_results_<task>.json for a Hub id)",
     )
     return p
+
+
+def _task(value: str) -> str:
+    if value in ("loss", "hellaswag") or value.startswith("lm_eval:"):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: choose loss, hellaswag or lm_eval:<task>[,<task>...]")
 
 
 def save_results(output: str | Path, result: dict) -> Path:
@@ -562,6 +578,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "give --model (a run/model directory or Hub id), or a recipe whose init_from names a model"
         )
+
+    if args.task.startswith("lm_eval:"):
+        from . import harness
+
+        try:
+            return harness.main(args, model_name)
+        except (ImportError, ValueError) as e:
+            parser.exit(2, f"gpt2-accel eval: error: {e}\n")
 
     from accelerate import Accelerator
 

@@ -38,22 +38,32 @@ def resolve_model_path(model: str) -> str:
 
 def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: torch.dtype | None = None):
     """Load the causal LM at ``model`` (directory or Hub id) and its tokenizer (else the bundled GPT-2 one)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     # Importing this module imported gpt2_accel, which registered our Auto classes; trust_remote_code=True lets
     # other custom-code checkpoints load too.
     path = resolve_model_path(model)
     lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
     lm.to(device).eval()
+    tok = load_tokenizer(path)
+    if tok is None:
+        tok = _bundled_gpt2(f"{path} has no tokenizer files")
+    return lm, tok
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved with the model at ``path`` (directory or Hub id); None when a directory has none."""
+    from transformers import AutoTokenizer
+
     local = Path(path)
     if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
-        tok = _bundled_gpt2(f"{path} has no tokenizer files")
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            tok = _bundled_gpt2(f"could not load the tokenizer of {path} ({e.__class__.__name__})")
-    return lm, tok
+        return None
+    try:
+        # As for the model: transformers reads config.json (whose auto_map names custom code) before the
+        # tokenizer files, and would otherwise stop to ask.
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    except (OSError, ValueError) as e:
+        return _bundled_gpt2(f"could not load the tokenizer of {path} ({e.__class__.__name__})")
 
 
 def _bundled_gpt2(why: str):
@@ -82,11 +92,13 @@ def generate_samples(
     top_p: float | None = None,
     seed: int = 1337,
     stream: bool = False,
+    compile: bool = False,
 ) -> list[str]:
     """Generate ``num_samples`` continuations of ``prompt``; return the full texts (prompt + continuation).
 
     The RNG is seeded once with ``seed`` before the first sample, as nanoGPT does, so a seed fixes all samples.
-    ``temperature`` 0 is greedy decoding. With ``stream`` the text is printed token by token.
+    ``temperature`` 0 is greedy decoding. With ``stream`` the text is printed token by token. ``compile`` (CUDA)
+    compiles our model's decoding step with CUDA graphs (see gpt2_accel.decode).
     """
     from transformers import TextStreamer
 
@@ -132,14 +144,29 @@ def generate_samples(
         )
     else:
         gen_kwargs.update(temperature=None, top_k=None, top_p=None)
+    from .decode import Decoder, supports_fast_decoding
+
+    # Our model decodes with a static KV cache and no per-token generate() machinery (gpt2_accel.decode);
+    # other transformers models go through generate().
+    decoder = Decoder(model, compile=compile) if supports_fast_decoding(model) else None
     torch.manual_seed(seed)
     texts = []
     for i in range(num_samples):
         streamer = TextStreamer(tokenizer, skip_prompt=False) if stream else None
-        with torch.no_grad():
-            out = model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **gen_kwargs
+        if decoder is not None:
+            out = decoder.generate(
+                input_ids,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                streamer=streamer,
             )
+        else:
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **gen_kwargs
+                )
         texts.append(tokenizer.decode(out[0].tolist()))
         if stream and i < num_samples - 1:
             print("---------------", flush=True)
@@ -169,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="CUDA: compile the decoding step with a static cache and CUDA graphs (first sample pays compilation)",
     )
     p.add_argument(
         "--no-stream",
@@ -204,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stream=args.stream,
+        compile=args.compile,
     )
     if not args.stream:
         for text in texts:

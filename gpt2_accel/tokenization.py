@@ -6,6 +6,7 @@ run directory standard tokenizer files (``save_pretrained``) so ``AutoTokenizer.
 
 from __future__ import annotations
 
+import json
 import os
 from functools import cache
 from pathlib import Path
@@ -52,11 +53,23 @@ class Tokenizer:
             return self._tt.decode(list(ids))
         return self.hf.decode(ids)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        self.hf.save_pretrained(directory)
+    def save_pretrained(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
+        save_tokenizer(self.hf, directory, model_max_length)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eot={self.eot_token_id})"
+
+
+def save_tokenizer(hf_tokenizer, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
+    """``hf_tokenizer.save_pretrained(directory)``; ``model_max_length`` (the model's n_positions) replaces the
+    tokenizer's own default in tokenizer_config.json (1024 for GPT-2's BPE), so transformers truncates at the
+    model's context."""
+    hf_tokenizer.save_pretrained(directory)
+    path = Path(directory) / "tokenizer_config.json"
+    if model_max_length is not None and path.is_file():
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg["model_max_length"] = int(model_max_length)
+        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 @cache

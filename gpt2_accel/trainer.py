@@ -529,7 +529,7 @@ class Trainer:
             with quiet_save():
                 model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
             model.config.use_cache = False
-            self.tokenizer.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory, model_max_length=model.config.n_positions)
 
     # ------------------------------------------------------------------------------------------------------------
     # evaluation

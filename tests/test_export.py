@@ -1,5 +1,5 @@
-"""Exact export of every exportable architecture to its standard transformers class, checked where gpt2_accel is
-not importable; configs no class computes are refused; the same classes import back (--from-hf) and finetune."""
+"""`gpt2-accel export`: transformers, GGUF (llama.cpp) and ONNX (onnxruntime), each checked against the runtime
+that loads it, on a run directory the trainer writes. Bad input fails before anything is written."""
 
 from __future__ import annotations
 
@@ -7,225 +7,305 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
 
-from gpt2_accel.convert import export_class, from_hf, main, to_hf
+from gpt2_accel.export import ExportError, export, main
 
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "truncate": False}
-ROTARY = dict(position_embedding_type="rope", norm_type="rmsnorm", bias=False)
-
-# name -> (our options, the class that must come out)
-EXPORTS = {
-    "gpt2_untied_no_bias": (dict(tie_word_embeddings=False, bias=False), "GPT2LMHeadModel"),
-    "llama_gqa_yarn_untied": (
-        dict(ROTARY, mlp_type="swiglu", n_kv_head=2, rope_scaling=YARN, tie_word_embeddings=False),
-        "LlamaForCausalLM",
-    ),
-    "llama_biases": (dict(ROTARY, mlp_type="swiglu", attention_bias=True, mlp_bias=True), "LlamaForCausalLM"),
-    "qwen3_mqa_sliding": (
-        dict(
-            ROTARY,
-            mlp_type="swiglu",
-            n_kv_head=1,
-            qk_norm=True,
-            sliding_window=4,
-            layer_types=["sliding_attention", "full_attention"],
-        ),
-        "Qwen3ForCausalLM",
-    ),
-    "nanochat_softcap": (
-        dict(
-            ROTARY,
-            norm_elementwise_affine=False,
-            norm_after_embedding=True,
-            mlp_type="relu2",
-            qk_norm=True,
-            n_kv_head=2,
-            tie_word_embeddings=False,
-            final_logit_softcapping=15.0,
-        ),
-        "NanoChatForCausalLM",
-    ),
-}
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "ROMEO: But soft, what light"
 
 
-def jitter(model, scale: float = 0.1, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A model directory as the trainer writes it (save_pretrained + the GPT-2 BPE with the model's context): a
+    2-layer, 64-wide GPT-2 whose non-embedding weights are spread wide (std ~0.3), so that greedy decoding gives a
+    varied, context-dependent token sequence rather than one repeated token."""
+    from gpt2_accel import GPT2AccelConfig, GPT2AccelForCausalLM
+    from gpt2_accel.tokenization import get_tokenizer
 
-
-def ids(batch: int = 2, t: int = 20, vocab: int = 128, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))
-
-
-def test_each_export_computes_our_logits_in_a_process_without_our_package(tmp_path, capsys):
-    x = ids()  # 20 tokens: past the sliding window of 4
-    cases = {}
-    for name, (options, cls) in EXPORTS.items():
-        ours = jitter(tiny_model(**options))
-        ours.save_pretrained(tmp_path / name / "ours")
-        assert main(["--to-hf", str(tmp_path / name / "ours"), "--output", str(tmp_path / name / "hf")]) == 0
-        assert f"wrote {cls}" in capsys.readouterr().out
-        config = json.loads((tmp_path / name / "hf" / "config.json").read_text())
-        assert "auto_map" not in config and not list((tmp_path / name / "hf").glob("*.py"))
-        with torch.no_grad():
-            torch.save(ours(x).logits, tmp_path / name / "expected.pt")
-        greedy = ours.generate(
-            x[:1, :5], max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None
-        )
-        torch.save(greedy, tmp_path / name / "greedy.pt")
-        cases[name] = cls
-    torch.save(x, tmp_path / "x.pt")
-    gpt2 = json.loads((tmp_path / "gpt2_untied_no_bias" / "hf" / "config.json").read_text())
-    assert gpt2["n_ctx"] == 64  # llama.cpp's convert_hf_to_gguf reads the GPT-2 context from n_ctx
-    # -I: isolated mode, cwd elsewhere, no PYTHONPATH: gpt2_accel cannot be imported there.
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.meta_path = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", "")).lower()]
-        sys.path = [p for p in sys.path if "/work/" not in p or "site-packages" in p]
-        try:
-            import gpt2_accel
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("gpt2_accel is importable: the test would not prove anything")
-        import torch
-        from transformers import AutoModelForCausalLM
-        root = {str(tmp_path)!r}
-        x = torch.load(root + "/x.pt")
-        for name, cls in {cases!r}.items():
-            m = AutoModelForCausalLM.from_pretrained(f"{{root}}/{{name}}/hf").eval()
-            assert type(m).__name__ == cls, (name, type(m).__name__)
-            with torch.no_grad():
-                torch.testing.assert_close(m(x).logits, torch.load(f"{{root}}/{{name}}/expected.pt"), atol=1e-4, rtol=0)
-            greedy = torch.load(f"{{root}}/{{name}}/greedy.pt")
-            out = m.generate(x[:1, :5], max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None)
-            assert torch.equal(out, greedy), name
-            print("EXPORT_OK", name, cls)
-        assert "gpt2_accel" not in sys.modules
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("EXPORT_OK") == len(EXPORTS)
-
-
-@pytest.mark.parametrize(
-    ("options", "named"),
-    [
-        (dict(attn_type="GK"), ["attn_type='GK'"]),
-        (
-            dict(ROTARY, mlp_type="swiglu", n_kv_head=2, sliding_window=4, attention_sinks=True),
-            ["attention_sinks=True"],
-        ),
-        (dict(position_embedding_type="rope"), ["norm_type='layernorm'", "mlp_type='gelu'"]),
-        (dict(ROTARY, mlp_type="swiglu", final_logit_softcapping=30.0), ["final_logit_softcapping"]),
-        (
-            dict(ROTARY, mlp_type="swiglu", sliding_window=4),
-            ["sliding_window (per-layer windows: Qwen3 only)"],
-        ),
-    ],
-)
-def test_a_config_no_class_computes_is_refused_with_its_blockers(tmp_path, capsys, options, named):
-    tiny_model(**options).save_pretrained(tmp_path / "ours")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--to-hf", str(tmp_path / "ours"), "--output", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "no standard transformers class computes this model exactly" in err
-    for n in named:
-        assert n in err
-    assert "trust_remote_code" in err and not (tmp_path / "out").exists()
-
-
-def test_export_class_picks_the_narrowest_exact_class():
-    assert export_class(tiny_model().config) == "gpt2"
-    for name, (options, cls) in EXPORTS.items():
-        assert type(to_hf(tiny_model(**options))).__name__ == cls, name
-
-
-def _tiny_hf(model_type: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kw = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=127, eos_token_id=127, pad_token_id=None,
-    )  # fmt: skip
-    if model_type == "llama":
-        kw.update(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
-    if model_type == "qwen3":
-        kw.update(head_dim=16, tie_word_embeddings=True)
     torch.manual_seed(0)
-    return jitter(AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).eval())
+    config = GPT2AccelConfig(
+        vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=2, pad_vocab_size_multiple=64
+    )
+    model = GPT2AccelForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "wte" not in name:  # a wide tied embedding makes every token predict itself
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    out = tmp_path_factory.mktemp("export") / "run"
+    model.save_pretrained(out)
+    get_tokenizer("gpt2").save_pretrained(out, model_max_length=config.n_positions)
+    return out
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3", "nanochat"])
-def test_from_hf_imports_the_standard_classes_and_round_trips(tmp_path, model_type):
-    hf = _tiny_hf(model_type)
-    hf.save_pretrained(tmp_path / "hf")
-    assert main(["--from-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) == 0
+def _ours(run: Path):
     from transformers import AutoModelForCausalLM
 
-    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
-    assert type(ours).__name__ == "GPT2AccelForCausalLM"
-    x = ids()
+    return AutoModelForCausalLM.from_pretrained(run).eval()
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    x = torch.tensor([ids])
     with torch.no_grad():
-        torch.testing.assert_close(ours(x).logits, hf(x).logits, atol=1e-4, rtol=0)
-    back = to_hf(ours)
-    assert type(back) is type(hf)
-    ref = hf.state_dict()
-    for k, v in back.state_dict().items():
-        assert torch.equal(v, ref[k]), k
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(ids) :].tolist()
 
 
-def test_from_hf_refuses_what_we_do_not_compute():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def _prompt_ids(run: Path) -> list[int]:
+    from transformers import AutoTokenizer
 
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                      num_attention_heads=4, hidden_act="gelu")  # fmt: skip
-    with pytest.raises(ValueError, match=r"hidden_act='gelu' \(needs 'silu'\)"):
-        from_hf(AutoModelForCausalLM.from_config(cfg))
+    return AutoTokenizer.from_pretrained(run, trust_remote_code=False)(PROMPT)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_unsupported_quantisation_and_existing_output_fail_before_writing(run_dir, tmp_path):
+    with pytest.raises(
+        ExportError, match=r"--outtype 'q4_0' is not supported for --format gguf.*f32, f16, q8_0"
+    ):
+        export(str(run_dir), "gguf", tmp_path / "m.gguf", outtype="q4_0")
+    with pytest.raises(ExportError, match=r"--outtype 'f16' is not supported for --format onnx"):
+        export(str(run_dir), "onnx", tmp_path / "onnx", outtype="f16")
+    assert list(tmp_path.iterdir()) == []
+    existing = tmp_path / "m.gguf"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+        export(str(run_dir), "gguf", existing)
+    assert existing.read_bytes() == b"keep me"
+    # the command line says the same, with exit status 2
+    with pytest.raises(SystemExit) as e:
+        main([str(run_dir), "--format", "gguf", "--output", str(existing)])
+    assert e.value.code == 2 and existing.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf", "onnx"])
+def test_gk_attention_cannot_be_exported_and_nothing_is_written(fmt, tmp_path):
+    from conftest import tiny_model
+
+    src = tmp_path / "gk"
+    tiny_model(attn_type="GK").save_pretrained(src)
+    out = tmp_path / "out"
+    with pytest.raises(
+        ExportError, match=rf"attn_type='GK' cannot be exported to {fmt}: .*softmax attention only"
+    ):
+        export(str(src), fmt, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gk"]
+
+
+def test_failed_export_leaves_no_partial_file_and_keeps_the_old_one(run_dir, tmp_path, monkeypatch):
+    import gpt2_accel.export as ex
+
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"previous export")
+
+    def broken(directory, path, outtype="f32"):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ex, "write_gguf", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export(str(run_dir), "gguf", target, overwrite=True)
+    assert target.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary left either
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+
+
+def test_hf_export_loads_without_our_package_or_any_prompt(run_dir, tmp_path):
+    out = tmp_path / "hf"
+    assert main([str(run_dir), "--format", "hf", "--output", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and cfg["n_ctx"] == cfg["n_positions"] == 64 and "auto_map" not in cfg
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 64
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~_umask())  # an ordinary directory, not mkdtemp's 0700
+    ids = _prompt_ids(run_dir)
+    want = _greedy(_ours(run_dir), ids, 16)
+    assert len(set(want)) > 2, f"the test model is degenerate: {want}"
+    # A fresh process without gpt2_accel on the path and no terminal to answer a prompt.
+    code = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"tok = AutoTokenizer.from_pretrained({str(out)!r})\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()\n"
+        f"x = torch.tensor([tok({PROMPT!r})['input_ids']])\n"
+        "g = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False, pad_token_id=0)\n"
+        "print(json.dumps([type(m).__name__, tok.model_max_length, g[0, x.size(1):].tolist(),\n"
+        "                  'gpt2_accel' in sys.modules]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"},
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "custom code" not in proc.stdout + proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["GPT2LMHeadModel", 64, want, False]
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+def test_gguf_holds_the_exported_weights_tokenizer_and_hyperparameters(run_dir, tmp_path, outtype):
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from gpt2_accel.convert import to_hf_gpt2
+
+    out = tmp_path / f"m-{outtype}.gguf"
+    assert main([str(run_dir), "--format", "gguf", "--output", str(out), "--outtype", outtype]) == 0
+    r = gguf.GGUFReader(out)
+
+    def field(key):
+        f = r.fields[key]
+        return f.contents()
+
+    assert field("general.architecture") == "gpt2"
+    assert field("gpt2.context_length") == 64 and field("gpt2.embedding_length") == 64
+    assert field("gpt2.block_count") == 2 and field("gpt2.attention.head_count") == 2
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
+    tok = AutoTokenizer.from_pretrained(run_dir, trust_remote_code=False)
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == 50257 and tokens[tok.eos_token_id] == "<|endoftext|>"
+    assert tokens[:300] == tok.convert_ids_to_tokens(list(range(300)))
+    assert field("tokenizer.ggml.eos_token_id") == field("tokenizer.ggml.bos_token_id") == 50256
+    assert len(field("tokenizer.ggml.merges")) == 50000  # GPT-2's BPE merges
+
+    hf: GPT2LMHeadModel = to_hf_gpt2(_ours(run_dir))
+    want = {
+        "token_embd.weight": hf.transformer.wte.weight,
+        "position_embd.weight": hf.transformer.wpe.weight,
+        "blk.1.attn_qkv.weight": hf.transformer.h[1].attn.c_attn.weight.t(),  # Conv1D (in, out) -> (out, in)
+        "blk.1.attn_qkv.bias": hf.transformer.h[1].attn.c_attn.bias,
+        "blk.0.ffn_down.weight": hf.transformer.h[0].mlp.c_proj.weight.t(),
+        "output_norm.weight": hf.transformer.ln_f.weight,
+    }
+    got = {t.name: t for t in r.tensors}
+    assert "output.weight" not in got  # tied head: llama.cpp reuses token_embd
+    tol = {"f32": 0.0, "f16": 1e-3, "q8_0": 2e-2}[outtype]
+    for name, w in want.items():
+        t = got[name]
+        data = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(w.shape).astype("float32").copy())
+        torch.testing.assert_close(
+            data, w.detach().float(), atol=tol * w.abs().max().item(), rtol=0, msg=name
+        )
+        if w.dim() == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, name  # norms and biases stay f32
+        else:
+            expect = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}[outtype]
+            assert t.tensor_type == gguf.GGMLQuantizationType[expect], name
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip(
+            "llama-cpp-python is not installed (pip install -e '.[llama_cpp]'; it compiles llama.cpp, ~5-25 min)"
+        )
+    return llama_cpp
 
 
 @pytest.mark.slow
-def test_a_llama_checkpoint_finetunes_with_our_trainer(tmp_path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_llama_cpp_greedy_tokens_equal_transformers(run_dir, tmp_path, outtype):
+    llama_cpp = _llama_cpp()
+    out = tmp_path / f"m-{outtype}.gguf"
+    assert main([str(run_dir), "--format", "gguf", "--output", str(out), "--outtype", outtype]) == 0
+    ids = _prompt_ids(run_dir)
+    want = _greedy(_ours(run_dir), ids, 16)
+    assert len(set(want)) > 2, f"the test model is degenerate: {want}"
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, verbose=False, logits_all=False)
+    # llama.cpp's own tokenizer, read from the GGUF, splits the prompt as transformers does
+    assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids
+    got = []
+    for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        got.append(tok)
+        if len(got) == 16:
+            break
+    assert got == want
 
-    from gpt2_accel.tokenization import get_tokenizer
-    from gpt2_accel.trainer import Trainer
 
-    cfg = AutoConfig.for_model(
-        "llama", vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, bos_token_id=50256,
-        eos_token_id=50256,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
-    get_tokenizer("gpt2").save_pretrained(tmp_path / "llama")
-    overrides = dict(
-        init_from=str(tmp_path / "llama"), dataset_name="bundled:shakespeare", tokenizer_name="gpt2",
-        block_size=32, per_device_train_batch_size=2, per_device_eval_batch_size=2, max_steps=2,
-        max_eval_samples=4, eval_steps=2, save_steps=2, logging_steps=1, output_dir=str(tmp_path / "run"),
-        dataloader_num_workers=0, bf16=False, torch_compile=False, warmup_steps=1, report_to=["none"],
-    )  # fmt: skip
-    final = Trainer.from_recipe_file(None, overrides).train()
-    assert final["step"] == 2 and final["val_loss"] > 0
-    assert main(["--to-hf", str(tmp_path / "run"), "--output", str(tmp_path / "back")]) == 0
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
-    assert type(back).__name__ == "LlamaForCausalLM"
+# ------------------------------------------------------------------------------------------------ ONNX
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(run_dir, tmp_path_factory) -> Path:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path_factory.mktemp("onnx") / "onnx"
+    assert main([str(run_dir), "--format", "onnx", "--output", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_onnx_logits_match_at_several_shapes(run_dir, onnx_dir):
+    import onnxruntime as ort
+
+    from gpt2_accel.export import onnx_io_names
+
+    ours = _ours(run_dir)
+    L = ours.config.n_layer
+    full = ort.InferenceSession(str(onnx_dir / "decoder_model.onnx"), providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(
+        str(onnx_dir / "decoder_with_past_model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    g = torch.Generator().manual_seed(0)
+    for B, T in [(1, 1), (1, 17), (3, 5), (2, 64)]:
+        x = torch.randint(0, 50257, (B, T), generator=g)
+        with torch.no_grad():
+            want = ours(x, use_cache=False).logits
+        got = full.run(None, {"input_ids": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got[0]), want, atol=1e-4, rtol=0)
+    # the cached graph: the first P tokens' keys/values from the full graph, then Tn new tokens
+    for B, P, Tn in [(1, 1, 1), (2, 9, 1), (3, 20, 4)]:
+        x = torch.randint(0, 50257, (B, P + Tn), generator=g)
+        with torch.no_grad():
+            want = ours(x, use_cache=False).logits[:, P:]
+        present = full.run(None, {"input_ids": x[:, :P].numpy()})[1:]
+        names = onnx_io_names(L, with_past=True)[0]
+        feed = {"input_ids": x[:, P:].numpy(), **dict(zip(names[1:], present, strict=True))}
+        got = step.run(None, feed)
+        torch.testing.assert_close(torch.from_numpy(got[0]), want, atol=1e-4, rtol=0)
+        assert got[1].shape == (B, ours.config.n_head, P + Tn, 32)
+
+
+@pytest.mark.slow
+def test_onnx_greedy_decoding_with_the_cache_equals_ours(run_dir, onnx_dir):
+    import numpy as np
+    import onnxruntime as ort
+
+    from gpt2_accel.export import onnx_io_names
+
+    ours = _ours(run_dir)
+    ids = _prompt_ids(run_dir)
+    want = _greedy(ours, ids, 32)
+    full = ort.InferenceSession(str(onnx_dir / "decoder_model.onnx"), providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(
+        str(onnx_dir / "decoder_with_past_model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    names = onnx_io_names(ours.config.n_layer, with_past=True)[0][1:]
+    logits, *present = full.run(None, {"input_ids": np.array([ids], dtype=np.int64)})
+    got = []
+    for _ in range(32):
+        nxt = int(logits[0, -1].argmax())
+        got.append(nxt)
+        logits, *present = step.run(
+            None, {"input_ids": np.array([[nxt]], dtype=np.int64), **dict(zip(names, present, strict=True))}
+        )
+    assert got == want

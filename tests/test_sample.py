@@ -174,3 +174,70 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert "holds no model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "--top_p", "0"])
+
+
+@pytest.mark.parametrize("attn_type", ["SM", "GK"])
+@pytest.mark.parametrize("static", [False, True])
+def test_fast_decoder_greedy_equals_generate_and_recomputation(attn_type, static):
+    """The static-cache decoder (gpt2_accel.decode) against generate() and against argmax of full forwards, for
+    a batch of prompts; ``static`` is the fixed-shape step that CUDA compiles (run here uncompiled)."""
+    from conftest import tiny_model
+
+    from gpt2_accel.decode import Decoder
+
+    model = tiny_model(attn_type=attn_type, initializer_range=0.2)
+    prompt = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(0))
+    got = Decoder(model, static=static).generate(prompt, 20)
+    with torch.no_grad():
+        want = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, pad_token_id=0
+        )
+    assert torch.equal(got, want)
+    assert len(set(got[0, 5:].tolist())) > 2  # not a degenerate repetition
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, ids)
+
+
+def test_fast_decoder_sampling_follows_top_k_top_p_and_the_seed():
+    from conftest import tiny_model
+
+    from gpt2_accel.decode import Decoder, _choose
+
+    model = tiny_model(initializer_range=0.2)
+    dec = Decoder(model)
+    prompt = torch.tensor([[1, 2, 3]])
+    torch.manual_seed(0)
+    a = dec.generate(prompt, 30, temperature=1.0, top_k=50, top_p=0.9)
+    torch.manual_seed(0)
+    b = dec.generate(prompt, 30, temperature=1.0, top_k=50, top_p=0.9)
+    assert torch.equal(a, b)
+    # the filters keep exactly the tokens transformers' TopK/TopP warpers keep
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
+    ref = TopPLogitsWarper(0.7)(None, TopKLogitsWarper(20)(None, logits.clone()))
+    for _ in range(200):
+        tok = _choose(logits, 1.0, 20, 0.7)
+        assert torch.isfinite(ref.gather(1, tok[:, None])).all()
+    kept = torch.isfinite(ref)
+    seen = torch.zeros_like(kept)
+    for _ in range(400):
+        seen.scatter_(1, _choose(logits, 1.0, 20, 0.7)[:, None], True)
+    assert torch.equal(seen | kept, kept)
+
+
+def test_fast_decoder_refuses_a_block_it_does_not_compute():
+    """An architecture option the decoder does not re-express (here a ReLU MLP) is caught by its self-check, so
+    sampling falls back to generate() instead of decoding wrongly."""
+    from conftest import tiny_model
+
+    from gpt2_accel.decode import supports_fast_decoding
+
+    model = tiny_model(initializer_range=0.2)
+    assert supports_fast_decoding(model)
+    mlp = model.transformer.h[1].mlp
+    mlp.forward = lambda x: mlp.c_proj(torch.relu(mlp.c_fc(x)))
+    assert not supports_fast_decoding(model)

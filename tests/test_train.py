@@ -273,6 +273,9 @@ def test_python_api_train_evaluate_and_callbacks(tmp_path):
     assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
     again = trainer.evaluate()
     assert again["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+    # the run's tokenizer truncates at the model's context, not at GPT-2's 1024 (issue 19)
+    tok_cfg = json.loads((tmp_path / "api" / "tokenizer_config.json").read_text())
+    assert tok_cfg["model_max_length"] == 32
 
 
 def test_nonfinite_loss_stops_with_the_step_named(tmp_path):
