@@ -35,10 +35,13 @@ def supports_fast_decoding(model) -> bool:
     built with other architecture options would decode wrongly, so a 4-token prompt and one cached step are
     checked against the model's own forward (two tiny forwards) before it is trusted.
     """
+    from .convert import _blockers
     from .modeling_gpt2_accel import GPT2AccelForCausalLM
 
     if not isinstance(model, GPT2AccelForCausalLM) or model.config.n_positions < 5:
         return False
+    if [b for b in _blockers(model.config, "gpt2") if not b.startswith("attn_type=")]:
+        return False  # a modern block option (rotary, RMSNorm, GQA...): generate() handles it
     try:
         return Decoder(model).agrees_with_model()
     except Exception:  # an architecture option the decoder does not know (a missing module, another shape)
