@@ -13,6 +13,10 @@ COMMANDS = {
     "prepare": ("gpt2_accel.data", "tokenize a dataset into uint16 shards for the fastest training"),
     "push": ("gpt2_accel.hub", "push a finished run to the Hugging Face Hub with a model card"),
     "convert": ("gpt2_accel.convert", "convert between OpenAI/transformers GPT-2 and gpt2_accel"),
+    "merge": (
+        "gpt2_accel.merge",
+        "fold a LoRA adapter into its base model and write a plain model directory",
+    ),
     "bench": ("gpt2_accel.bench", "time training steps of a recipe's model: ms/step, tokens/s, MFU, memory"),
 }
 
