@@ -16,6 +16,7 @@ Validation loss is the data's cross-entropy (nats/char) on the same held-out win
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -38,6 +39,12 @@ def _trainer(**keys):
     return Trainer(**{**COMMON, **keys})
 
 
+def _val_loss(**keys) -> float:
+    """Train (or resume: an interrupted benchmark continues where it stopped) and read the final val loss."""
+    _trainer(**keys, resume_from_checkpoint="auto").train()
+    return json.loads((Path(keys["output_dir"]) / "eval_results.json").read_text())["val_loss"]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher-steps", type=int, default=200)
@@ -48,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr-full", type=float, default=1e-3)
     p.add_argument("--lr-lora", type=float, default=5e-3)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary directory)")
+    p.add_argument(
+        "--workdir", default=None, help="runs go here; rerunning with it resumes (default: a temp dir)"
+    )
     args = p.parse_args(argv)
     logging.getLogger("gpt2_accel").setLevel(logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
@@ -56,9 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-conversion-"))
     t0 = time.perf_counter()
     teacher_dir = work / "teacher_sm"
-    teacher = _trainer(output_dir=str(teacher_dir), max_steps=args.teacher_steps, overwrite_output_dir=True,
-                       **TEACHER)  # fmt: skip
-    teacher_val = teacher.train()["val_loss"]
+    teacher_val = _val_loss(output_dir=str(teacher_dir), max_steps=args.teacher_steps, **TEACHER)
     print(
         f"teacher (SM, {args.teacher_steps} steps): val loss {teacher_val:.4f}  [{time.perf_counter() - t0:.0f} s]"
     )
@@ -66,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for attn in args.attn_types.split(","):
         recover = dict(init_from=str(teacher_dir), attn_type=attn, max_steps=args.steps, warmup_steps=10,
-                       per_device_train_batch_size=16, overwrite_output_dir=True)  # fmt: skip
+                       per_device_train_batch_size=16)  # fmt: skip
         switched = _trainer(output_dir=str(work / f"{attn}_switch"), **recover)
         after_switch = switched.evaluate()["val_loss"]  # the converted weights, before any training
         print(f"{attn}: val loss right after the switch {after_switch:.4f}")
@@ -84,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
                     if loss == "kd" else {}
                 )  # fmt: skip
                 t1 = time.perf_counter()
-                run = _trainer(output_dir=str(work / f"{attn}_{mode}_{loss}"), **recover, **tune, **kd)
-                result[loss] = run.train()["val_loss"]
+                result[loss] = _val_loss(
+                    output_dir=str(work / f"{attn}_{mode}_{loss}"), **recover, **tune, **kd
+                )
                 print(f"  {mode:4} {loss}: {result[loss]:.4f}  [{time.perf_counter() - t1:.0f} s]")
             rows.append((attn, mode, after_switch, result["ce"], result["kd"]))
 
