@@ -32,7 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--repeats", type=int, default=8)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's); 1 on a shared box"
+    )
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from gpt2_accel import GPT2AccelConfig, GPT2AccelForCausalLM
     from gpt2_accel.lora import wrap_model
