@@ -226,6 +226,7 @@ class Trainer:
             self.skip_logits = False  # the KL term needs the student's logits (see distill.py)
         if r.peft.use_peft:
             self.model = self._wrap_lora(resume_dir)
+
         # Counted before prepare: ZeRO-3 / FSDP leave each rank only its shard of every parameter.
         n_params = sum(p.numel() for p in self.model.parameters()) - self.model.transformer.wpe.weight.numel()
         self.optimizer = build_optimizer(self.model, t, acc.device.type)
@@ -233,9 +234,8 @@ class Trainer:
         if t.torch_compile:
             model = torch.compile(model)
         self.model_engine, self.optimizer = acc.prepare(model, self.optimizer)
-        if (
-            self.teacher is not None
-        ):  # on every rank, never prepared (no DDP, no optimizer), the student's dtype
+        if self.teacher is not None:
+            # on every rank, never prepared (no DDP wrapper, no optimizer), in the student's dtype
             dtype = next(self.model_engine.parameters()).dtype
             self.teacher.to(device=acc.device, dtype=dtype)
 
