@@ -14,6 +14,10 @@ COMMANDS = {
     "push": ("gpt2_accel.hub", "push a finished run to the Hugging Face Hub with a model card"),
     "convert": ("gpt2_accel.convert", "convert between OpenAI/transformers GPT-2 and gpt2_accel"),
     "export": ("gpt2_accel.export", "export to transformers GPT-2, GGUF (llama.cpp) or ONNX (onnxruntime)"),
+    "merge": (
+        "gpt2_accel.merge",
+        "fold a LoRA adapter into its base model and write a plain model directory",
+    ),
     "bench": ("gpt2_accel.bench", "time training steps of a recipe's model: ms/step, tokens/s, MFU, memory"),
     "checkpoints": (
         "gpt2_accel.checkpoints_cli",

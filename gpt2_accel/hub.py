@@ -61,16 +61,21 @@ def model_dir_of(run_dir: str | os.PathLike) -> Path:
     """The directory holding the model to push: the run root once training wrote the final model, else the
     newest committed checkpoint's ``model/`` (pushes during training, hub_strategy 'every_save')."""
     run_dir = Path(run_dir)
-    if (run_dir / "config.json").is_file():
+    if _has_model(run_dir):
         return run_dir
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and (ckpt / "model" / "config.json").is_file():
+    if ckpt is not None and _has_model(ckpt / "model"):
         return ckpt / "model"
     raise HubPushError(
         f"{run_dir} holds no model to push: no config.json at its root and no committed checkpoint "
         "(checkpoints/step_*/model with a COMPLETE marker). Push a run directory written by `gpt2-accel train`, "
         "or a directory written by save_pretrained"
     )
+
+
+def _has_model(directory: Path) -> bool:
+    """A full model (config.json) or a LoRA adapter (adapter_config.json, PEFT's format: see lora.py)."""
+    return (directory / "config.json").is_file() or (directory / "adapter_config.json").is_file()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -180,6 +185,8 @@ def render_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) ->
 
     run_dir = Path(run_dir)
     model_dir = model_dir_of(run_dir)
+    if (model_dir / "adapter_config.json").is_file():
+        return render_adapter_card(run_dir, model_dir, repo_id)
     config = _read_json(model_dir / "config.json")
     recipe = _read_recipe(run_dir)
     data, training = recipe.get("data", {}), recipe.get("training", {})
@@ -343,6 +350,83 @@ or filtered for safety.
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").content
 
 
+def render_adapter_card(run_dir: Path, model_dir: Path, repo_id: str | None = None) -> str:
+    """The card of a LoRA run: PEFT metadata (``base_model``, ``library_name: peft``) and how to load the adapter
+    on its base."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    adapter = _read_json(model_dir / "adapter_config.json")
+    base = str(adapter.get("base_model_name_or_path") or "unknown")
+    shipped_base = (run_dir / "base_model").is_dir()
+    recipe = _read_recipe(run_dir)
+    data, training = recipe.get("data", {}), recipe.get("training", {})
+    last_train, last_eval = _read_metrics(run_dir)
+    evals = {**last_eval, **_read_json(run_dir / "eval_results.json")}
+    info = _read_json(run_dir / "run_info.json")
+    name = repo_id or run_dir.resolve().name
+    load_id = repo_id or str(run_dir)
+    # A base written by the run (new attn_type / scratch) travels in base_model/; a local path means nothing on
+    # the Hub, so the card points there instead.
+    hub_base = base if not (shipped_base or Path(base).is_absolute()) else None
+    card_data = ModelCardData(
+        language="en",
+        license=training.get("license", "mit"),
+        library_name="peft",
+        pipeline_tag="text-generation",
+        tags=["gpt2_accel", "lora", "peft", "text-generation"],
+        base_model=hub_base,
+        datasets=_hub_dataset_ids(data.get("dataset_name")) or None,
+        model_name=name.split("/")[-1],
+    )
+    if shipped_base:
+        load_base = (
+            f'base = AutoModelForCausalLM.from_pretrained("{load_id}", subfolder="base_model", '
+            "trust_remote_code=True)"
+        )
+        base_line = f"`base_model/` of this repository (written by the run; originally `{base}`)"
+    else:
+        load_base = f'base = AutoModelForCausalLM.from_pretrained("{base}", trust_remote_code=True)'
+        base_line = f"`{base}`"
+    rows = [
+        ("Base model", base_line),
+        (
+            "LoRA rank r / alpha / dropout",
+            " / ".join(str(adapter.get(k)) for k in ("r", "lora_alpha", "lora_dropout")),
+        ),
+        ("Target modules", ", ".join(sorted(adapter.get("target_modules") or []))),
+        ("Modules trained in full", ", ".join(adapter.get("modules_to_save") or []) or None),
+        ("Optimizer steps", info.get("steps", last_train.get("step"))),
+        ("Tokens seen", info.get("tokens_seen", last_train.get("tokens"))),
+        ("Final validation loss", evals.get("val_loss")),
+        ("Hardware", info.get("hardware")),
+    ]
+    table = "| | value |\n|---|---|\n" + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in rows if v is not None)
+    body = f"""
+{CARD_MARKER}
+
+# {name.split("/")[-1]}
+
+A LoRA adapter (PEFT format) for the base model {base_line}, trained with gpt2_accel.
+
+## Use it
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+{load_base}
+model = PeftModel.from_pretrained(base, "{load_id}")
+```
+
+`gpt2-accel merge {load_id} --output merged/` folds the adapter into the base and writes a plain model directory.
+
+## Adapter and training
+
+{table}
+"""
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").content
+
+
 def _pair(a: Any, b: Any) -> str | None:
     if a is None and b is None:
         return None
@@ -405,6 +489,11 @@ def _stage(run_dir: Path, staging: Path, repo_id: str, include_checkpoints: bool
         _link_or_copy(user_card, staging / "README.md")  # the user's own card: keep it
     else:
         (staging / "README.md").write_text(render_model_card(run_dir, repo_id), encoding="utf-8")
+    base = run_dir / "base_model"  # a LoRA run's own base (lora.py): the adapter is useless without it
+    if (model_dir / "adapter_config.json").is_file() and base.is_dir():
+        for p in sorted(base.iterdir()):
+            if p.is_file() and not p.name.startswith("."):
+                _link_or_copy(p, staging / "base_model" / p.name)
     ckpt = latest_checkpoint(run_dir) if include_checkpoints else None
     if include_checkpoints and ckpt is None:
         raise HubPushError(

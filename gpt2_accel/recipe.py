@@ -243,7 +243,51 @@ class TrainingArguments:
     )
 
 
-SECTIONS: dict[str, type] = {"model": ModelArguments, "data": DataArguments, "training": TrainingArguments}
+@dataclass
+class PeftArguments:
+    """LoRA adapters through PEFT (TRL's ModelConfig names); the base model stays frozen."""
+
+    use_peft: bool = _f(
+        False,
+        "Train LoRA adapters instead of every weight (peft); the run directory holds the adapter in PEFT's format.",
+    )
+    lora_r: int = _f(16, "LoRA rank (the seed fork's rank 16; TRL's default is 16 too).")
+    lora_alpha: int = _f(32, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input (TRL's default 0.05).")
+    lora_target_modules: list[str] | None = _f(
+        None,
+        "Module names (suffixes) that get adapters; None = every Linear layer of the blocks (c_attn, c_proj, c_fc).",
+    )
+    lora_modules_to_save: list[str] | None = _f(
+        None, "Modules trained in full and saved with the adapter (e.g. ln_f); None = none."
+    )
+
+
+@dataclass
+class DistillationArguments:
+    """Knowledge distillation from a frozen teacher (Hinton et al. 2015); off unless a teacher is named."""
+
+    teacher_model_name_or_path: str | None = _f(
+        None,
+        "Teacher (TRL GKDConfig's name): an OpenAI GPT-2 name, one of our run/model directories, an exported "
+        "GPT-2 directory or a Hub repo. Must share the student's vocabulary. None = no distillation.",
+    )
+    temperature: float = _f(
+        2.0, "Softmax temperature of teacher and student in the KL term (TRL GKDConfig's name); > 0."
+    )
+    distillation_alpha: float = _f(
+        0.5,
+        "Weight of the KL term: loss = (1 - alpha) * CE + alpha * temperature^2 * KL(teacher || student); in [0, 1].",
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelArguments,
+    "data": DataArguments,
+    "training": TrainingArguments,
+    "peft": PeftArguments,
+    "distillation": DistillationArguments,
+}
 # Aliases users bring from nanoGPT; mapped to our names with a note rather than rejected.
 SECRET_KEYS = {"hub_token"}
 
@@ -253,6 +297,8 @@ class Recipe:
     model: ModelArguments = field(default_factory=ModelArguments)
     data: DataArguments = field(default_factory=DataArguments)
     training: TrainingArguments = field(default_factory=TrainingArguments)
+    peft: PeftArguments = field(default_factory=PeftArguments)
+    distillation: DistillationArguments = field(default_factory=DistillationArguments)
 
     # -- derived quantities ----------------------------------------------------------------------------------------
     def flat(self, *, redact: bool = True) -> dict[str, Any]:
@@ -581,6 +627,15 @@ def validate(r: Recipe) -> None:
     _check(not bad, f"report_to has unknown tracker(s) {bad}; use any of {sorted(valid_trackers)}")
     _check(bool(t.output_dir), "output_dir must be set")
     _check(t.ddp_timeout > 0, "ddp_timeout must be > 0 (seconds)")
+    p, kd = r.peft, r.distillation
+    _check(p.lora_r >= 1, f"lora_r must be >= 1 (the adapter rank), got {p.lora_r}")
+    _check(p.lora_alpha > 0, f"lora_alpha must be > 0, got {p.lora_alpha}")
+    _check(0.0 <= p.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {p.lora_dropout}")
+    _check(kd.temperature > 0, f"temperature must be > 0, got {kd.temperature}")
+    _check(
+        0.0 <= kd.distillation_alpha <= 1.0,
+        f"distillation_alpha must be in [0, 1], got {kd.distillation_alpha}",
+    )
     if t.resume_from_checkpoint not in (None, "auto", "never"):
         _check(
             Path(t.resume_from_checkpoint).exists(),

@@ -163,7 +163,15 @@ class Trainer:
                     "the trainer sees the gradient norm; a non-finite step stops the run instead"
                 )
 
+        if r.peft.use_peft:
+            from .lora import check_launch
+
+            check_launch(dist, acc.state.deepspeed_plugin.zero_stage if self._deepspeed else None)
         resume_dir = self._find_resume_dir()
+        if resume_dir is not None:
+            from .lora import check_resume
+
+            check_resume(resume_dir, r.peft.use_peft)
         # same init on every rank; per-rank RNG streams come back from the checkpoint on resume
         set_seed(t.seed)
 
@@ -228,6 +236,14 @@ class Trainer:
                 or self.model.gradient_checkpointing_enable
             )
             enable()
+        self.teacher = None
+        if r.distillation.teacher_model_name_or_path:
+            from .distill import load_teacher
+
+            self.teacher = load_teacher(r.distillation, self.model, self.tokenizer, self.block_size)
+            self.skip_logits = False  # the KL term needs the student's logits (see distill.py)
+        if r.peft.use_peft:
+            self.model = self._wrap_lora(resume_dir)
 
         # Counted before prepare: ZeRO-3 / FSDP leave each rank only its shard of every parameter.
         wpe = self.model.transformer.wpe  # None with rotary positions
@@ -239,6 +255,10 @@ class Trainer:
         if t.torch_compile:
             model = torch.compile(model)
         self.model_engine, self.optimizer = acc.prepare(model, self.optimizer)
+        if self.teacher is not None:
+            # on every rank, never prepared (no DDP wrapper, no optimizer), in the student's dtype
+            dtype = next(self.model_engine.parameters()).dtype
+            self.teacher.to(device=acc.device, dtype=dtype)
 
         self.flops_per_token = flops_per_token(n_params, cfg.n_layer, cfg.n_embd, self.block_size)
         precision = acc.mixed_precision if acc.mixed_precision in ("bf16", "fp16") else "fp32"
@@ -391,21 +411,26 @@ class Trainer:
 
     def _model_n_positions(self, resume_dir: Path | None) -> int:
         """The context length of the model the run will train, read without building (or downloading) it."""
+        from .lora import adapter_base, is_adapter_dir
+
         m = self.recipe.model
+        source = m.init_from
         if resume_dir is not None:
-            return int(ckpt.read_json(resume_dir / "model" / "config.json")["n_positions"])
-        if m.init_from == "scratch":
+            if not is_adapter_dir(resume_dir / "model"):
+                return int(ckpt.read_json(resume_dir / "model" / "config.json")["n_positions"])
+            source = adapter_base(resume_dir / "model")  # a LoRA checkpoint: the base has the architecture
+        elif m.init_from == "scratch":
             return m.n_positions
-        local = Path(m.init_from) / "config.json"
+        local = Path(source) / "config.json"
         if local.is_file():
             config = ckpt.read_json(local)  # GPT-2's name, or the standard one (Llama / Qwen3 / NanoChat)
             return int(config.get("n_positions") or config["max_position_embeddings"])
-        if m.init_from in OPENAI_GPT2:
+        if source in OPENAI_GPT2:
             return 1024  # every OpenAI GPT-2 size has a 1024-token context
         from transformers import AutoConfig
 
         try:
-            return int(AutoConfig.from_pretrained(m.init_from, trust_remote_code=True).n_positions)
+            return int(AutoConfig.from_pretrained(source, trust_remote_code=True).n_positions)
         except OSError as e:
             raise RecipeError(
                 f"init_from={m.init_from!r}: not 'scratch', 'resume', an OpenAI GPT-2 name, a local model directory, "
@@ -420,7 +445,15 @@ class Trainer:
         m = self.recipe.model
         overrides = {k: v for k, v in (("dropout", m.dropout), ("attn_type", m.attn_type)) if v is not None}
         impl = m.attn_implementation
-        if resume_dir is not None:
+        from .lora import adapter_base, is_adapter_dir
+
+        if resume_dir is not None and is_adapter_dir(resume_dir / "model"):
+            # A LoRA checkpoint: build its base (the state loaded later restores base and adapter weights alike)
+            drop = {"dropout": m.dropout} if m.dropout is not None else {}
+            model = load_pretrained_for_training(
+                adapter_base(resume_dir / "model"), attn_implementation=impl, **drop
+            )
+        elif resume_dir is not None:
             # The checkpoint's own export has the architecture; its weights are replaced by load_state anyway, so
             # build from the config alone: from_pretrained under ZeRO-3 would hand back partitioned (empty, 1-D)
             # parameters, which the optimizer's decay / no-decay split cannot classify.
@@ -433,6 +466,31 @@ class Trainer:
         else:
             model = load_pretrained_for_training(m.init_from, attn_implementation=impl, **overrides)
         model.config.use_cache = False  # training never needs the KV cache
+        return model
+
+    def _wrap_lora(self, resume_dir: Path | None):
+        """The model with LoRA adapters; a fresh run whose base no file holds writes it first (see lora.py)."""
+        from .lora import (
+            BASE_MODEL_DIR,
+            adapter_base,
+            base_name,
+            trainable_summary,
+            wrap_model,
+            write_base_model,
+        )
+
+        acc = self.accelerator
+        if resume_dir is not None:
+            base = adapter_base(resume_dir / "model")
+        else:
+            base = base_name(self.recipe.model)
+            if base is None:
+                if self.is_main:
+                    write_base_model(self.model, self.tokenizer, self.output_dir)
+                acc.wait_for_everyone()
+                base = str((self.output_dir / BASE_MODEL_DIR).resolve())
+        model = wrap_model(self.model, self.recipe.peft, base)
+        logger.info("LoRA: %s; base %s", trainable_summary(model), base)
         return model
 
     # ------------------------------------------------------------------------------------------------------------
@@ -524,6 +582,12 @@ class Trainer:
             directory.mkdir(parents=True, exist_ok=True)
             model = acc.unwrap_model(self.model_engine)
             model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+            if self.recipe.peft.use_peft:
+                from .lora import save_adapter
+
+                save_adapter(model, directory, state_dict)  # adapter_config.json + adapter_model.safetensors
+                self.tokenizer.save_pretrained(directory)
+                return
             _check_full_state_dict(state_dict, self.model)
             model.config.use_cache = True  # for the people who load it to generate
             with quiet_save():
@@ -634,14 +698,9 @@ class Trainer:
             for _ in range(ga):
                 batch = next(data_iter).to(acc.device, non_blocking=True)  # (B, T + 1)
                 with acc.accumulate(model):
-                    out = model(
-                        input_ids=batch[:, :-1],
-                        shift_labels=batch[:, 1:],
-                        use_cache=False,
-                        skip_logits=self.skip_logits,
-                    )
-                    acc.backward(out.loss)
-                    step_loss += out.loss.detach() / ga
+                    loss = self._loss(model, batch)
+                    acc.backward(loss)
+                    step_loss += loss.detach() / ga
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(
                             params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
@@ -721,7 +780,10 @@ class Trainer:
         bar.close()
         # The signal handlers stay until train() returns: a SIGTERM during the final save lets it finish whole.
         final: dict[str, Any] = {"step": self.state.step}
-        if self.state.step > start_step or not (self.output_dir / "model.safetensors").exists():
+        exported = any(
+            (self.output_dir / f).exists() for f in ("model.safetensors", "adapter_model.safetensors")
+        )
+        if self.state.step > start_step or not exported:
             if last_eval != self.state.step:
                 final.update(self.evaluate())
             else:
@@ -734,6 +796,21 @@ class Trainer:
                 cb.on_train_end(self, final)
         self.accelerator.end_training()
         return final
+
+    def _loss(self, model, batch: torch.Tensor) -> torch.Tensor:
+        """The training loss of one micro-batch (B, T + 1): the CE, or the distillation mix (distill.py)."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
+        out = model(input_ids=inputs, shift_labels=targets, use_cache=False, skip_logits=self.skip_logits)
+        if self.teacher is None:
+            return out.loss
+        from .distill import distillation_loss, teacher_logits
+
+        kd = self.recipe.distillation
+        t_logits = teacher_logits(self.teacher, inputs, self.accelerator.autocast)
+        loss, _, _ = distillation_loss(
+            out.logits, t_logits, targets, temperature=kd.temperature, alpha=kd.distillation_alpha
+        )
+        return loss
 
     def _nonfinite(self, step: int, loss: torch.Tensor, grad_norm, applied: bool = False) -> None:
         gn = float(grad_norm) if grad_norm is not None else float("nan")

@@ -46,6 +46,8 @@ def test_recipe_trains_two_steps_with_tiny_overrides(path, tmp_path, tiny_openai
     overrides = dict(TINY, output_dir=str(tmp_path / "run"))
     if recipe.model.init_from != "scratch":
         overrides["init_from"] = str(tiny_openai_gpt2)
+    if recipe.distillation.teacher_model_name_or_path:  # a tiny local teacher in the recipe's place
+        overrides["teacher_model_name_or_path"] = str(tiny_openai_gpt2)
     if not str(recipe.data.dataset_name).startswith("bundled:"):
         overrides.update(dataset_name="bundled:shakespeare", dataset_config_name=None)
     if recipe.training.hellaswag_data:
@@ -58,10 +60,16 @@ def test_recipe_trains_two_steps_with_tiny_overrides(path, tmp_path, tiny_openai
         overrides["sliding_window"] = 8  # shorter than the 32-token windows, so the band is exercised
     final = Trainer.from_recipe_file(path, overrides).train()
     assert final["step"] == 2 and final["val_loss"] > 0
-    assert (tmp_path / "run" / "model.safetensors").is_file()
     from gpt2_accel import GPT2AccelForCausalLM
 
-    model = GPT2AccelForCausalLM.from_pretrained(tmp_path / "run")
+    model_dir = tmp_path / "run"
+    if recipe.peft.use_peft:  # the run holds the adapter; its base (with the new attention) is named in it
+        from gpt2_accel.lora import adapter_base
+
+        assert (model_dir / "adapter_model.safetensors").is_file()
+        model_dir = Path(adapter_base(model_dir))
+    assert (model_dir / "model.safetensors").is_file()
+    model = GPT2AccelForCausalLM.from_pretrained(model_dir)
     assert model.config.attn_type == (recipe.model.attn_type or "SM")
     for key in ("position_embedding_type", "norm_type", "mlp_type", "qk_norm", "attention_sinks"):
         assert getattr(model.config, key) == getattr(recipe.model, key), key
