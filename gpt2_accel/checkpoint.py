@@ -186,8 +186,10 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 # truncation, bit rot and partial copies, not tampering (a forger rewrites the manifest too: check_pickles is what
 # keeps code out). xxhash is a dependency of datasets, so it is always installed with us.
 HASH = "xxh3_64"
-# Files resume needs besides the state directory; a COMPLETE marker without them is a damaged checkpoint.
-REQUIRED = ("trainer_state.json", "data_state.json", "model/config.json")
+# Files resume needs besides the state directory; a COMPLETE marker without them is a damaged checkpoint. The model
+# export is a full model (config.json) or, for a LoRA run, a PEFT adapter (adapter_config.json).
+REQUIRED = ("trainer_state.json", "data_state.json")
+MODEL_EXPORT = ("model/config.json", "model/adapter_config.json")
 
 
 class CheckpointError(RuntimeError):
@@ -258,6 +260,8 @@ def verify(ckpt_dir: str | os.PathLike, *, hashes: bool = True) -> Verification:
     for rel in REQUIRED:
         if not (ckpt_dir / rel).is_file():
             bad(f"{rel}: missing")
+    if not any((ckpt_dir / rel).is_file() for rel in MODEL_EXPORT):
+        bad(f"{' or '.join(MODEL_EXPORT)}: missing")
     state = ckpt_dir / "state"
     if not state.is_dir() or not any(p.is_file() for p in state.rglob("*")):
         bad("state/: missing or empty")

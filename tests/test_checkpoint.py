@@ -8,7 +8,7 @@ from gpt2_accel import checkpoint as ckpt
 def _make(output_dir, step, complete=True):
     """The layout save_checkpoint writes (files resume reads), with stand-in contents; the trainer tests use real ones."""
     tmp = ckpt.staging_dir(output_dir, step)
-    for rel in (*ckpt.REQUIRED, "state/model.safetensors"):
+    for rel in (*ckpt.REQUIRED, ckpt.MODEL_EXPORT[0], "state/model.safetensors"):
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).write_text(f'{{"step": {step}}}')
     return ckpt.commit(tmp, step) if complete else tmp
