@@ -184,6 +184,22 @@ class TrainingArguments:
     )
     hub_private_repo: bool = _f(False, "Create the Hub repo private.")
     hub_token: str | None = _f(None, "Hub token; None = HF_TOKEN or `hf auth login`. Never logged or saved.")
+    optim: str = _f(
+        "adamw_torch",
+        "Optimizer: 'adamw_torch' (AdamW on every parameter; 'adamw_torch_fused' is the same, fused where torch "
+        "can) or 'muon' (torch.optim.Muon on the 2-D hidden matrices of the blocks, AdamW with learning_rate, "
+        "adam_* and weight_decay on embeddings, LM head, gains and biases). Muon runs in one process and under "
+        "DDP; DeepSpeed and FSDP are refused (they shard the matrices Muon orthogonalises).",
+    )
+    muon_learning_rate: float = _f(
+        0.02,
+        "optim=muon: Muon's peak learning rate (the schedule's shape is lr_scheduler_type's, scaled to it); "
+        "torch's 'original' adjustment multiplies it by sqrt(max(1, rows/cols)) per matrix, as Jordan's Muon.",
+    )
+    muon_momentum: float = _f(0.95, "optim=muon: Muon's (Nesterov) momentum.")
+    muon_weight_decay: float = _f(
+        0.0, "optim=muon: decoupled weight decay of the Muon matrices (weight_decay stays AdamW's)."
+    )
 
 
 SECTIONS: dict[str, type] = {"model": ModelArguments, "data": DataArguments, "training": TrainingArguments}
@@ -460,6 +476,13 @@ def validate(r: Recipe) -> None:
     _check(0 < t.decay_ratio <= 1, f"decay_ratio must be in (0, 1], got {t.decay_ratio}")
     _check(t.weight_decay >= 0, "weight_decay must be >= 0")
     _check(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)")
+    _check(
+        t.optim in ("adamw_torch", "adamw_torch_fused", "muon"),
+        f"optim must be 'adamw_torch', 'adamw_torch_fused' or 'muon', got {t.optim!r}",
+    )
+    _check(t.muon_learning_rate > 0, f"muon_learning_rate must be > 0, got {t.muon_learning_rate}")
+    _check(0 <= t.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {t.muon_momentum}")
+    _check(t.muon_weight_decay >= 0, f"muon_weight_decay must be >= 0, got {t.muon_weight_decay}")
     _check(t.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)")
     _check(not (t.bf16 and t.fp16), "bf16 and fp16 are both true; choose one")
     _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit must be >= 1 or null")

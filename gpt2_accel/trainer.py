@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, check_optimizer_mode, set_lr
 from .recipe import Recipe, RecipeError, build_recipe, load_recipe
 
 logger = logging.getLogger("gpt2_accel")
@@ -145,6 +145,13 @@ class Trainer:
                     "the trainer sees the gradient norm; a non-finite step stops the run instead"
                 )
 
+        if self._deepspeed:
+            zero = acc.state.deepspeed_plugin.zero_stage
+            check_optimizer_mode(
+                t, "deepspeed", f" (ZeRO stage {zero}, from {self.launch.source or 'the launch'})"
+            )
+        elif dist == DistributedType.FSDP:
+            check_optimizer_mode(t, "fsdp", f" (from {self.launch.source or 'the launch'})")
         resume_dir = self._find_resume_dir()
         # same init on every rank; per-rank RNG streams come back from the checkpoint on resume
         set_seed(t.seed)
@@ -503,9 +510,7 @@ class Trainer:
 
         while self.state.step < self.max_steps:
             step = self.state.step
-            lr = lr_at(step, t, self.max_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = set_lr(opt, step, t, self.max_steps)
             step_loss = torch.zeros((), device=acc.device)
             for _ in range(ga):
                 batch = next(data_iter).to(acc.device, non_blocking=True)  # (B, T + 1)
