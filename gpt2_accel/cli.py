@@ -14,6 +14,7 @@ COMMANDS = {
     "push": ("gpt2_accel.hub", "push a finished run to the Hugging Face Hub with a model card"),
     "convert": ("gpt2_accel.convert", "convert between OpenAI/transformers GPT-2 and gpt2_accel"),
     "bench": ("gpt2_accel.bench", "time training steps of a recipe's model: ms/step, tokens/s, MFU, memory"),
+    "ema": ("gpt2_accel.ema", "build the post-hoc EMA model of any length from a run's EMA snapshots (EDM2)"),
 }
 
 

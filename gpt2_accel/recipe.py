@@ -200,6 +200,15 @@ class TrainingArguments:
     muon_weight_decay: float = _f(
         0.0, "optim=muon: decoupled weight decay of the Muon matrices (weight_decay stays AdamW's)."
     )
+    ema_sigma_rels: list[float] | None = _f(
+        None,
+        "Post-hoc EMA (EDM2): keep power-function EMAs of the weights with these relative lengths, e.g. "
+        "[0.05, 0.10], and write snapshots to output_dir/ema/; `gpt2-accel ema RUN --sigma_rel S --output DIR` "
+        "then builds the model of any EMA length in between. None = off. Not under ZeRO-3/FSDP.",
+    )
+    ema_snapshot_steps: int = _f(
+        100, "Write the EMA snapshots every this many steps (and at the end); each is len(ema_sigma_rels) models."
+    )
 
 
 SECTIONS: dict[str, type] = {"model": ModelArguments, "data": DataArguments, "training": TrainingArguments}
@@ -483,6 +492,13 @@ def validate(r: Recipe) -> None:
     _check(t.muon_learning_rate > 0, f"muon_learning_rate must be > 0, got {t.muon_learning_rate}")
     _check(0 <= t.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {t.muon_momentum}")
     _check(t.muon_weight_decay >= 0, f"muon_weight_decay must be >= 0, got {t.muon_weight_decay}")
+    if t.ema_sigma_rels is not None:
+        from .ema import SIGMA_REL_MAX
+
+        _check(len(t.ema_sigma_rels) >= 1, "ema_sigma_rels must list at least one sigma_rel, or be null (off)")
+        bad = [s for s in t.ema_sigma_rels if not 0 < s < SIGMA_REL_MAX]
+        _check(not bad, f"ema_sigma_rels {bad} must be in (0, {SIGMA_REL_MAX:.4f}); EDM2 tracks [0.05, 0.10]")
+    _check(t.ema_snapshot_steps >= 1, f"ema_snapshot_steps must be >= 1, got {t.ema_snapshot_steps}")
     _check(t.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)")
     _check(not (t.bf16 and t.fp16), "bf16 and fp16 are both true; choose one")
     _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit must be >= 1 or null")

@@ -225,6 +225,7 @@ class Trainer:
         if t.torch_compile:
             model = torch.compile(model)
         self.model_engine, self.optimizer = acc.prepare(model, self.optimizer)
+        self.ema = self._build_ema(sharded)
 
         self.flops_per_token = flops_per_token(n_params, cfg.n_layer, cfg.n_embd, self.block_size)
         precision = acc.mixed_precision if acc.mixed_precision in ("bf16", "fp16") else "fp32"
@@ -267,6 +268,20 @@ class Trainer:
                     ) from None
                 raise
         self._built = True
+
+    def _build_ema(self, sharded: bool):
+        """The post-hoc EMAs (gpt2_accel/ema.py), kept by the main process; None when ema_sigma_rels is off."""
+        t = self.recipe.training
+        if not t.ema_sigma_rels:
+            return None
+        if sharded:
+            raise RecipeError(
+                "ema_sigma_rels cannot be tracked under ZeRO-3 or FSDP (each rank holds only shards of the weights); "
+                "use ddp.yaml or deepspeed_zero1/2.yaml, or set ema_sigma_rels=null"
+            )
+        from .ema import PowerEMA
+
+        return PowerEMA(self.model, t.ema_sigma_rels) if self.is_main else None
 
     def _check_world(self, acc) -> None:
         """Refuse a launch whose world differs from what was asked: a silent fallback trains N separate models."""
@@ -381,6 +396,16 @@ class Trainer:
         # resumes with another gradient_accumulation_steps (e.g. 2 processes -> 1 process x 2 micro-batches) would
         # otherwise sync in the middle of a step. Checkpoints are written at step boundaries: realign to one.
         acc.step = self.state.step * self.recipe.training.gradient_accumulation_steps
+        if self.ema is not None:
+            from .ema import STATE_FILE, drop_snapshots_after
+
+            if not (path / STATE_FILE).is_file():
+                raise RecipeError(
+                    f"cannot resume {path} with ema_sigma_rels: it was trained without EMAs (a power EMA starts at "
+                    "step 1). Set ema_sigma_rels=null to resume it, or start a new output_dir"
+                )
+            self.ema.load(path / STATE_FILE)
+            drop_snapshots_after(self.output_dir, self.state.step)
         data_state = ckpt.read_json(path / "data_state.json")
         self.train_loader.load_state_dict(data_state["ranks"])
         self.metrics.truncate_after(self.state.step)
@@ -405,6 +430,10 @@ class Trainer:
             ckpt.write_json(tmp / "trainer_state.json", self.state.__dict__)
             ckpt.write_json(tmp / "data_state.json", {"world_size": acc.num_processes, "ranks": data_states})
             ckpt.write_json(tmp / "recipe.json", self.recipe.flat())
+            if self.ema is not None:
+                from .ema import STATE_FILE
+
+                self.ema.save(tmp / STATE_FILE, step)
             ckpt.atomic_write_text(tmp / "recipe.yaml", self.recipe.to_yaml())
         acc.wait_for_everyone()
         final = Path(self.output_dir) / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)
@@ -543,6 +572,8 @@ class Trainer:
                         opt.zero_grad(set_to_none=True)
             self.state.step += 1
             self.state.tokens_seen += self.tokens_per_step
+            if self.ema is not None:
+                self.ema.after_step(self.state.step, self.max_steps, self.output_dir, t.ema_snapshot_steps)
             loss_sum += step_loss
             steps_since_log += 1
             bar.update(1)
