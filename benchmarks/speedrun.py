@@ -47,7 +47,7 @@ def _arm(recipe: str, overrides: list[str], target: float | None, eval_every: in
 
         t_start: float | None = None
         eval_s = 0.0
-        curve: list[dict] = []
+        curve: list[dict]
         reached: dict | None = None
 
         def evaluate(self):
@@ -117,7 +117,9 @@ def _fmt(name: str, recipe: str, r: dict, target: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", default="recipes/demo.yaml", help="the reference recipe (trained to its end)")
+    p.add_argument(
+        "--baseline", default="recipes/demo.yaml", help="the reference recipe (trained to its end)"
+    )
     p.add_argument("--candidate", default="recipes/speedrun.yaml", help="the recipe racing to the target")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a candidate recipe key (repeatable), e.g. --set optim=muon")  # fmt: skip
@@ -148,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             target = a.target if a.target is not None else base["final"]["val_loss"]
             base_time = (base["reached"] or base["final"])["train_s"]
             base_tokens = (base["reached"] or base["final"])["tokens"]
-            cand = _run_arm(a.candidate, overrides, target, a.eval_every, Path(tmp), f"speedrun{i}", a.timeout)
+            cand = _run_arm(
+                a.candidate, overrides, target, a.eval_every, Path(tmp), f"speedrun{i}", a.timeout
+            )
             if base["same"] != cand["same"]:
                 sys.exit(f"the recipes differ in data/tokenizer/validation: {base['same']} vs {cand['same']}")
             rows += [_fmt("baseline", a.baseline, base, target), _fmt("candidate", a.candidate, cand, target)]
@@ -158,14 +162,18 @@ def main(argv: list[str] | None = None) -> int:
                           "token_ratio": hit["tokens"] / base_tokens if hit else None})  # fmt: skip
             print(rows[-2] + "\n" + rows[-1], flush=True)
     print()
-    print(f"{'arm':<9} {'recipe':<24} {'params':>8} {'target':>7} {'step':>6} {'tokens':>10} {'train_s':>9}   final val")
+    print(
+        f"{'arm':<9} {'recipe':<24} {'params':>8} {'target':>7} {'step':>6} {'tokens':>10} {'train_s':>9}   final val"
+    )
     for r in rows:
         print(r)
     print()
     base = pairs[0]["baseline"]
     cand = pairs[0]["candidate"]
     drift = cand["params"] / base["params"] - 1
-    print(f"parameters: candidate {cand['params']:,} vs baseline {base['params']:,} ({drift:+.1%}; the rule is +-10%)")
+    print(
+        f"parameters: candidate {cand['params']:,} vs baseline {base['params']:,} ({drift:+.1%}; the rule is +-10%)"
+    )
     print(f"threads per process: {base['threads']}; time = training loop wall time without evaluations")
     for i, pr in enumerate(pairs):
         if pr["time_ratio"] is None:

@@ -19,6 +19,7 @@ Files (the schema lives here; the trainer writes, the command reads):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -126,7 +127,9 @@ class PowerEMA:
             beta = ema_beta(step, gamma)
             names = list(avg)
             # avg = beta * avg + (1 - beta) * weights, for every tensor in one call
-            torch._foreach_lerp_([avg[n] for n in names], [self.params[n].detach() for n in names], 1.0 - beta)
+            torch._foreach_lerp_(
+                [avg[n] for n in names], [self.params[n].detach() for n in names], 1.0 - beta
+            )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"ema{i}/{n}": v.detach().cpu().contiguous() for i, avg in enumerate(self.averages)
@@ -198,7 +201,9 @@ def _snapshot_gammas(path: Path) -> list[float]:
         return json.loads(f.metadata()["gammas"])
 
 
-def reconstructable_range(steps: np.ndarray, gammas: np.ndarray, target_step: int) -> tuple[float, float] | None:
+def reconstructable_range(
+    steps: np.ndarray, gammas: np.ndarray, target_step: int
+) -> tuple[float, float] | None:
     """The sigma_rel interval (on a fine grid) that the snapshots fit within MAX_PROFILE_ERROR at target_step."""
     grid = np.linspace(0.005, SIGMA_REL_MAX - 1e-3, 400)
     ok = [s for s in grid if solve_coefficients(steps, gammas, target_step, sigma_rel_to_gamma(s))[1]
@@ -246,7 +251,7 @@ def reconstruct(
         if coef == 0.0:
             continue
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 idx, name = key.split("/", 1)
                 if idx != f"ema{i}":
                     continue
@@ -260,21 +265,27 @@ def reconstruct(
     return weights, report
 
 
-def export(run_dir: str | os.PathLike, sigma_rel: float, output: str | os.PathLike, step: int | None = None) -> dict:
+def export(
+    run_dir: str | os.PathLike, sigma_rel: float, output: str | os.PathLike, step: int | None = None
+) -> dict:
     """Write the reconstructed EMA model as a Hugging Face model directory (config, tokenizer, code from the run)."""
     from . import checkpoint as ckpt
     from .modeling_gpt2_accel import GPT2AccelForCausalLM
 
     run_dir, output = Path(run_dir), Path(output)
     if output.resolve() == run_dir.resolve():
-        raise EMAError("--output must differ from the run directory (the run's own model would be overwritten)")
+        raise EMAError(
+            "--output must differ from the run directory (the run's own model would be overwritten)"
+        )
     weights, report = reconstruct(run_dir, sigma_rel, step)
     source = run_dir if (run_dir / "config.json").is_file() else None
     if source is None:
         latest = ckpt.latest_checkpoint(run_dir)
         source = latest / "model" if latest is not None else None
     if source is None:
-        raise EMAError(f"{str(run_dir)!r} has neither a final model nor a complete checkpoint to take config from")
+        raise EMAError(
+            f"{str(run_dir)!r} has neither a final model nor a complete checkpoint to take config from"
+        )
     model = GPT2AccelForCausalLM.from_pretrained(source)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     params = {n for n, _ in model.named_parameters()}
@@ -285,10 +296,8 @@ def export(run_dir: str | os.PathLike, sigma_rel: float, output: str | os.PathLi
     model.save_pretrained(output, safe_serialization=True)
     from transformers import AutoTokenizer
 
-    try:
+    with contextlib.suppress(OSError, ValueError):  # a run without tokenizer files: the model is still usable
         AutoTokenizer.from_pretrained(source).save_pretrained(output)
-    except (OSError, ValueError):  # a run without tokenizer files: the model alone is still usable
-        pass
     ckpt.write_json(output / "ema_info.json", report | {"run": str(run_dir)})
     return report
 
@@ -299,10 +308,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Reconstruct a post-hoc EMA model (EDM2) of any length from a run's EMA snapshots.",
     )
     p.add_argument("run", help="run directory trained with ema_sigma_rels (holds ema/step_*.safetensors)")
-    p.add_argument("--sigma_rel", type=float, required=False, help="EMA length relative to the step, e.g. 0.05")
+    p.add_argument(
+        "--sigma_rel", type=float, required=False, help="EMA length relative to the step, e.g. 0.05"
+    )
     p.add_argument("--output", help="model directory to write")
-    p.add_argument("--step", type=int, default=None, help="the training step to average up to (default: last)")
-    p.add_argument("--list", action="store_true", help="print the snapshots and the sigma_rel range they support")
+    p.add_argument(
+        "--step", type=int, default=None, help="the training step to average up to (default: last)"
+    )
+    p.add_argument(
+        "--list", action="store_true", help="print the snapshots and the sigma_rel range they support"
+    )
     from .cli import accept_both_spellings
 
     a = accept_both_spellings(p).parse_args(argv)
@@ -318,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             rng = reconstructable_range(steps, gammas, t)
             print(f"{len(snaps)} snapshots, steps {snaps[0][0]}..{snaps[-1][0]}, EMAs with sigma_rel "
                   f"{[round(gamma_to_sigma_rel(g), 4) for g in gam[0]]}")  # fmt: skip
-            print(f"reconstructable at step {t}: " + (f"sigma_rel {rng[0]:.3f}..{rng[1]:.3f}" if rng else "none"))
+            print(
+                f"reconstructable at step {t}: "
+                + (f"sigma_rel {rng[0]:.3f}..{rng[1]:.3f}" if rng else "none")
+            )
             return 0
         if not a.output:
             p.error("--output is required with --sigma_rel")

@@ -207,7 +207,8 @@ class TrainingArguments:
         "then builds the model of any EMA length in between. None = off. Not under ZeRO-3/FSDP.",
     )
     ema_snapshot_steps: int = _f(
-        100, "Write the EMA snapshots every this many steps (and at the end); each is len(ema_sigma_rels) models."
+        100,
+        "Write the EMA snapshots every this many steps (and at the end); each is len(ema_sigma_rels) models.",
     )
 
 
@@ -495,7 +496,9 @@ def validate(r: Recipe) -> None:
     if t.ema_sigma_rels is not None:
         from .ema import SIGMA_REL_MAX
 
-        _check(len(t.ema_sigma_rels) >= 1, "ema_sigma_rels must list at least one sigma_rel, or be null (off)")
+        _check(
+            len(t.ema_sigma_rels) >= 1, "ema_sigma_rels must list at least one sigma_rel, or be null (off)"
+        )
         bad = [s for s in t.ema_sigma_rels if not 0 < s < SIGMA_REL_MAX]
         _check(not bad, f"ema_sigma_rels {bad} must be in (0, {SIGMA_REL_MAX:.4f}); EDM2 tracks [0.05, 0.10]")
     _check(t.ema_snapshot_steps >= 1, f"ema_snapshot_steps must be >= 1, got {t.ema_snapshot_steps}")

@@ -103,18 +103,22 @@ def test_reconstruction_equals_an_ema_tracked_directly(tmp_path):
     # an earlier step: the average of the run up to step 1000
     mid = _trajectory_run(tmp_path / "mid", [0.07], 1000, every=1000)
     weights, _ = reconstruct(tmp_path, 0.07, step=1000)
-    assert (weights["weight"] - mid.averages[0]["weight"]).abs().max().item() < 5e-3 * scale  # fewer snapshots before step 1000
+    assert (
+        weights["weight"] - mid.averages[0]["weight"]
+    ).abs().max().item() < 5e-3 * scale  # fewer snapshots before step 1000
 
 
 def test_lengths_the_snapshots_cannot_express_are_refused(tmp_path):
     _trajectory_run(tmp_path, [0.05, 0.10], 400, every=100)
-    with pytest.raises(EMAError, match=r"sigma_rel=0\.01 at step 400 cannot be reconstructed.*support sigma_rel in"):
+    with pytest.raises(
+        EMAError, match=r"sigma_rel=0\.01 at step 400 cannot be reconstructed.*support sigma_rel in"
+    ):
         reconstruct(tmp_path, 0.01)
     with pytest.raises(EMAError, match="outside"):
         reconstruct(tmp_path, 0.5)
     with pytest.raises(EMAError, match="step=900 is outside"):
         reconstruct(tmp_path, 0.05, step=900)
-    with pytest.raises(EMAError, match="no EMA snapshots.*ema_sigma_rels"):
+    with pytest.raises(EMAError, match=r"no EMA snapshots.*ema_sigma_rels"):
         reconstruct(tmp_path / "empty", 0.05)
     _, err = solve_coefficients(np.array([400.0]), np.array([6.94]), 400, sigma_rel_to_gamma(0.10))
     assert err < 1e-3  # sanity: the snapshot itself
@@ -162,5 +166,9 @@ def test_trainer_snapshots_and_the_ema_command_builds_a_model(tmp_path):
     assert ev.returncode == 0
     bad = subprocess.run([*cmd[:5], "--sigma_rel", "0.01", "--output", str(tmp_path / "x")], env=_env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert bad.returncode == 2 and "cannot be reconstructed" in bad.stderr and "support sigma_rel in" in bad.stderr
+    assert (
+        bad.returncode == 2
+        and "cannot be reconstructed" in bad.stderr
+        and "support sigma_rel in" in bad.stderr
+    )
     assert not (tmp_path / "x").exists()
