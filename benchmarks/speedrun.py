@@ -89,19 +89,34 @@ def _arm(recipe: str, overrides: list[str], target: float | None, eval_every: in
     Path(out).write_text(json.dumps(res, indent=1))
 
 
-def _run_arm(recipe: str, overrides: list[str], target: float | None, eval_every: int | None, tmp: Path,
-             name: str, timeout: int) -> dict:  # fmt: skip
+def _start_arm(recipe: str, overrides: list[str], target: float | None, eval_every: int | None, tmp: Path,
+               name: str) -> tuple[subprocess.Popen, Path]:  # fmt: skip
     out = tmp / f"{name}.json"
     cmd = [sys.executable, __file__, "--_arm", recipe, "--_out", str(out), "--output_dir", str(tmp / name)]
     cmd += ["--target", str(target)] if target is not None else []
-    cmd += ["--eval_every", str(eval_every)] if eval_every else []
+    cmd += ["--eval_every", str(eval_every or 0)]  # 0: the recipe's own eval_steps
     cmd += [f"--set={o}" for o in overrides]  # the child applies them in order (later wins)
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     print(f"  running {name}: {recipe} {' '.join(overrides)}", flush=True)
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    return proc, out
+
+
+def _collect(started: tuple[subprocess.Popen, Path], name: str, timeout: int) -> dict:
+    proc, out = started
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
     if proc.returncode != 0:
-        sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        sys.exit(f"{name} failed (exit {proc.returncode}):\n{err[-4000:]}")
     return json.loads(out.read_text())
+
+
+def _first_at_or_below(res: dict, target: float) -> dict | None:
+    return next((r for r in res["curve"] if r["val_loss"] <= target), None)
 
 
 def _fmt(name: str, recipe: str, r: dict, target: float) -> str:
@@ -125,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a candidate recipe key (repeatable), e.g. --set optim=muon")  # fmt: skip
     p.add_argument("--base_set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key in BOTH arms (e.g. --base_set max_steps=20 for a smoke test)")  # fmt: skip
+    p.add_argument("--baseline_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a baseline key (a shortened proxy run; the real comparison uses none)")  # fmt: skip
+    p.add_argument("--parallel", action="store_true",
+                   help="run the two arms at the same time (same machine noise; the candidate runs to its end and "
+                        "its evaluation curve gives the time to the target)")  # fmt: skip
     p.add_argument("--target", type=float, default=None,
                    help="validation loss to reach; default: the baseline's final validation loss")  # fmt: skip
     p.add_argument("--eval_every", type=int, default=10, help="candidate: evaluate every this many steps")
@@ -137,22 +157,33 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     both = [s if s.startswith("--") else f"--{s}" for s in a.base_set]
     overrides = [*both, *(s if s.startswith("--") else f"--{s}" for s in a.set)]
+    baseline_ov = [*both, *(s if s.startswith("--") else f"--{s}" for s in a.baseline_set)]
     if a._arm is not None:  # a child process: one arm
         _arm(a._arm, [*overrides, f"--output_dir={a.output_dir}"], a.target, a.eval_every or None, a._out)
         return 0
 
     print(f"speedrun: {a.baseline} (baseline, to its end) vs {a.candidate} {' '.join(overrides)} "
-          f"(evaluated every {a.eval_every} steps, stops at the target); {a.repeats} interleaved pair(s)")  # fmt: skip
+          f"(evaluated every {a.eval_every} steps); {a.repeats} pair(s), "
+          f"{'side by side' if a.parallel else 'interleaved'}")  # fmt: skip
     rows, pairs = [], []
     with tempfile.TemporaryDirectory(prefix="speedrun-") as tmp:
         for i in range(a.repeats):
-            base = _run_arm(a.baseline, both, a.target, None, Path(tmp), f"baseline{i}", a.timeout)
-            target = a.target if a.target is not None else base["final"]["val_loss"]
+            tmpd = Path(tmp)
+            if a.parallel:  # both at once: the candidate runs its whole schedule, its curve gives the time
+                b = _start_arm(a.baseline, baseline_ov, None, None, tmpd, f"baseline{i}")
+                c = _start_arm(a.candidate, overrides, None, a.eval_every, tmpd, f"speedrun{i}")
+                base, cand = _collect(b, "baseline", a.timeout), _collect(c, "candidate", a.timeout)
+                target = a.target if a.target is not None else base["final"]["val_loss"]
+                base["reached"] = _first_at_or_below(base, target) if a.target is not None else base["final"]
+                cand["reached"] = _first_at_or_below(cand, target)
+            else:  # one after the other: the candidate stops at the target
+                b = _start_arm(a.baseline, baseline_ov, a.target, None, tmpd, f"baseline{i}")
+                base = _collect(b, "baseline", a.timeout)
+                target = a.target if a.target is not None else base["final"]["val_loss"]
+                c = _start_arm(a.candidate, overrides, target, a.eval_every, tmpd, f"speedrun{i}")
+                cand = _collect(c, "candidate", a.timeout)
             base_time = (base["reached"] or base["final"])["train_s"]
             base_tokens = (base["reached"] or base["final"])["tokens"]
-            cand = _run_arm(
-                a.candidate, overrides, target, a.eval_every, Path(tmp), f"speedrun{i}", a.timeout
-            )
             if base["same"] != cand["same"]:
                 sys.exit(f"the recipes differ in data/tokenizer/validation: {base['same']} vs {cand['same']}")
             rows += [_fmt("baseline", a.baseline, base, target), _fmt("candidate", a.candidate, cand, target)]
