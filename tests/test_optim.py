@@ -15,6 +15,7 @@ from gpt2_accel.optim import (
     check_optimizer_mode,
     lr_at,
     muon_param_split,
+    newton_schulz_float32,
     param_groups,
     set_lr,
 )
@@ -107,6 +108,8 @@ def test_muon_with_adamw_steps_like_torch_muon_and_adamw_side_by_side():
     )
     model, ref = tiny_model(0).train(), tiny_model(0).train()
     opt = build_optimizer(model, args, "cpu")
+    assert opt.ns_float32  # on CPU: float32 Newton-Schulz (see newton_schulz_float32)
+    opt.ns_float32 = False  # torch's own bf16 iteration: the reference below is then exact
     muon_p, rest = muon_param_split(ref)
     ref_muon = torch.optim.Muon(muon_p, lr=0.05, momentum=0.95, nesterov=True, weight_decay=0.0)
     ref_adamw = torch.optim.AdamW(param_groups(rest, 0.1), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
@@ -162,3 +165,25 @@ def test_muon_is_refused_where_it_cannot_run():
     check_optimizer_mode(TrainingArguments(), "deepspeed")  # AdamW runs everywhere
     with pytest.raises(RecipeError, match="optim must be"):
         build_recipe({"optim": "sgd"})
+
+
+def test_float32_newton_schulz_matches_a_float64_reference_and_orthogonalises():
+    """The float32 iteration == the same quintic iteration in float64; its output has singular values near 1."""
+    coeffs, steps = (3.4445, -4.775, 2.0315), 5
+    for shape in ((384, 128), (128, 512), (64, 64)):
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        x = g.double().T if shape[0] > shape[1] else g.double()
+        x = x / x.norm()
+        for _ in range(steps):  # float64 reference, written out
+            gram = x @ x.T
+            x = coeffs[0] * x + (coeffs[1] * gram + coeffs[2] * gram @ gram) @ x
+        ref = x.T if shape[0] > shape[1] else x
+        out = newton_schulz_float32(g, coeffs, steps, 1e-7)
+        assert out.dtype == torch.float32 and out.shape == g.shape
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-4)
+        sv = torch.linalg.svdvals(out.double())
+        # Jordan's iteration pushes singular values into ~(0.7, 1.2); only the very smallest stay behind
+        assert sv.max() < 1.5 and (sv > 0.5).double().mean() > 0.9
+        # and it is what torch's bf16 iteration computes, to bf16 precision
+        torch_out = torch.optim._muon._zeropower_via_newtonschulz(g, coeffs, steps, 1e-7).double()
+        assert (torch_out - out.double()).abs().max() < 0.05
