@@ -470,8 +470,8 @@ def test_muon_two_processes_equal_one_process_with_accumulation(tokens, tmp_path
     ref, run = tmp_path / "ref", tmp_path / "ddp2"
     _run(_launch("cpu.yaml", 1, tokens, ref, "--gradient_accumulation_steps=2", *MUON))
     _run(_launch("cpu.yaml", 2, tokens, run, *MUON))
-    # Muon orthogonalises in bf16 (torch.optim.Muon): the all-reduce's fp32 summation order can flip a bf16
-    # rounding, so the tolerance is that of a few bf16 ulps on the update, not fp32's
+    # Newton-Schulz's five matrix polynomials amplify the all-reduce's fp32 summation-order differences in the
+    # gradient, so the tolerance is looser than AdamW's LOSS_TOL
     a, b = _losses(run), _losses(ref)
     assert a.keys() == b.keys() and len(a) == 10
     for k in a:
