@@ -23,6 +23,7 @@ COMMANDS = {
         "gpt2_accel.checkpoints_cli",
         "list a run's checkpoints: step, val loss, size, verification",
     ),
+    "ema": ("gpt2_accel.ema", "build the post-hoc EMA model of any length from a run's EMA snapshots (EDM2)"),
 }
 
 

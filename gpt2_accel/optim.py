@@ -1,22 +1,32 @@
-"""Optimizer parameter groups and learning-rate schedules (pure functions of the step)."""
+"""Optimizers (AdamW; Muon + AdamW), their parameter groups, and learning-rate schedules (pure functions of the step).
+
+``optim`` in the recipe picks the optimizer (transformers.TrainingArguments' key): ``adamw_torch`` is GPT-2's AdamW
+on every parameter; ``muon`` is :class:`MuonWithAdamW`, torch's ``torch.optim.Muon`` on the 2-D hidden matrices of
+the transformer blocks and AdamW on everything else (embeddings, LM head, gains, biases), the split of Keller
+Jordan's Muon (https://kellerjordan.github.io/posts/muon/) and nanochat.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
 
-from .recipe import TrainingArguments
+from .recipe import RecipeError, TrainingArguments
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module | list[nn.Parameter], weight_decay: float) -> list[dict]:
     """AdamW groups: decay every >= 2-D tensor (matmul weights, embeddings), not biases or LayerNorm gains.
 
     This is GPT-3/nanoGPT's split; tied weights appear once because ``named_parameters`` de-duplicates them.
+    ``model`` may also be a list of parameters (the non-Muon ones).
     """
+    params = model.parameters() if isinstance(model, nn.Module) else model
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for p in params:
         if p.requires_grad:
             # DeepSpeed ZeRO-3 partitions parameters into 1-D placeholders; ds_shape keeps the real shape
             ndim = len(getattr(p, "ds_shape", p.shape))
@@ -27,18 +37,168 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, args: TrainingArguments, device_type: str) -> torch.optim.Optimizer:
-    """AdamW with the recipe's betas/eps; the fused kernel where torch has one for the device (CUDA, CPU)."""
-    kwargs = {}
+def _adamw_kwargs(args: TrainingArguments, device_type: str) -> dict:
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     if device_type in ("cuda", "cpu", "xpu", "mps"):
         kwargs["fused"] = True  # one kernel for all parameters instead of a loop of small ops
-    return torch.optim.AdamW(
-        param_groups(model, args.weight_decay),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-        **kwargs,
-    )
+    return kwargs
+
+
+def build_optimizer(model: nn.Module, args: TrainingArguments, device_type: str) -> torch.optim.Optimizer:
+    """The recipe's ``optim``: AdamW with the recipe's betas/eps (the fused kernel where torch has one for the
+    device), or :class:`MuonWithAdamW`."""
+    if args.optim == "muon":
+        muon, rest = muon_param_split(model)
+        adamw_groups = [g for g in param_groups(rest, args.weight_decay) if g["params"]]
+        return MuonWithAdamW(
+            [{"params": muon, "weight_decay": args.muon_weight_decay}],
+            adamw_groups,
+            muon_kwargs=dict(lr=args.muon_learning_rate, momentum=args.muon_momentum, nesterov=True),
+            adamw_kwargs=_adamw_kwargs(args, device_type),
+        )
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), **_adamw_kwargs(args, device_type))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Muon
+# ---------------------------------------------------------------------------------------------------------------
+def is_muon_param(name: str, p: torch.Tensor) -> bool:
+    """Muon orthogonalises whole weight matrices of the hidden layers (``transformer.h.*``, 2-D). Embeddings and
+    the LM head are not hidden matrices (their rows are looked up / compared one token at a time: Jordan's post
+    keeps them on AdamW), and 1-D gains and biases have nothing to orthogonalise."""
+    ndim = len(getattr(p, "ds_shape", p.shape))
+    return ndim == 2 and ".h." in f".{name}"
+
+
+def muon_param_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(the Muon matrices, every other trainable parameter), each tied parameter once."""
+    muon, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (muon if is_muon_param(name, p) else rest).append((name, p))
+    return [p for _, p in muon], [p for _, p in rest]
+
+
+def newton_schulz_float32(
+    grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
+) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz orthogonalisation (Jordan's post; torch.optim.Muon's iteration and
+    coefficients), in float32 instead of torch's bfloat16.
+
+    Why: on CPUs without bf16 matrix units bf16 matmuls are emulated; measured here (AMD EPYC, 1 thread), the
+    demo's 16 block matrices take 16.8 s per step in bf16 and 1.3 s in fp32, which would make Muon slower than
+    AdamW on CPU. On GPUs torch's bf16 iteration is kept.
+    """
+    a, b, c = ns_coefficients
+    x = grad.float()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T  # iterate on the wide orientation: the Gram matrix x @ x.T is the small one
+    x = x / x.norm().clamp(min=eps)  # Frobenius norm >= spectral norm: singular values start in [0, 1]
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        poly = b * gram + c * (
+            gram @ gram
+        )  # the odd quintic a x + b x^3 + c x^5 applied to the singular values
+        x = a * x + poly @ x
+    return x.T if tall else x
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` on some groups and ``torch.optim.AdamW`` on the others, as ONE optimizer.
+
+    One object, because Accelerate, DeepSpeed and the checkpoint code expect one: ``param_groups`` lists both
+    optimizers' groups (the same dicts, so the schedule's per-group ``lr`` reaches them; each carries
+    ``use_muon``), ``state`` is shared, and ``state_dict``/``load_state_dict`` are torch's own over all groups.
+    """
+
+    def __init__(
+        self,
+        muon_groups: list[dict],
+        adamw_groups: list[dict],
+        *,
+        muon_kwargs: dict[str, Any],
+        adamw_kwargs: dict[str, Any],
+        ns_float32: bool | None = None,
+    ):
+        """``ns_float32``: orthogonalise in float32 (:func:`newton_schulz_float32`); None = when the Muon matrices
+        live on the CPU."""
+        for g in muon_groups:
+            g["use_muon"] = True
+        for g in adamw_groups:
+            g["use_muon"] = False
+        self._muon = torch.optim.Muon(muon_groups, **muon_kwargs)
+        self._adamw = torch.optim.AdamW(adamw_groups, **adamw_kwargs)
+        # torch's Optimizer keeps the very group dicts it is given: the sub-optimizers and this one share them
+        super().__init__(self._muon.param_groups + self._adamw.param_groups, defaults={})
+        self._link()
+        if ns_float32 is None:
+            ns_float32 = all(p.device.type == "cpu" for g in muon_groups for p in g["params"])
+        self.ns_float32 = ns_float32
+
+    def _link(self) -> None:
+        self._muon.param_groups = [g for g in self.param_groups if g["use_muon"]]
+        self._adamw.param_groups = [g for g in self.param_groups if not g["use_muon"]]
+        self._muon.state = self._adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(
+            state_dict
+        )  # builds new group dicts and state: point the sub-optimizers at them
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.ns_float32:
+            # torch.optim.Muon has no dtype option: swap its Newton-Schulz function for the float32 one during
+            # this call only (looked up as a module global when the step runs)
+            import torch.optim._muon as torch_muon
+
+            with mock.patch.object(torch_muon, "_zeropower_via_newtonschulz", newton_schulz_float32):
+                self._muon.step()
+        else:
+            self._muon.step()
+        self._adamw.step()
+        return loss
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, args: TrainingArguments, max_steps: int) -> float:
+    """Set every group's learning rate for ``step``; returns the AdamW (``learning_rate``) one.
+
+    Muon groups follow the same schedule scaled to ``muon_learning_rate`` (its peak), as in Jordan's and nanochat's
+    runs, where both optimizers share one warmup/decay shape.
+    """
+    lr = lr_at(step, args, max_steps)
+    muon_scale = args.muon_learning_rate / args.learning_rate
+    for group in optimizer.param_groups:
+        group["lr"] = lr * muon_scale if group.get("use_muon") else lr
+    return lr
+
+
+def check_optimizer_mode(args: TrainingArguments, mode: str, detail: str = "") -> None:
+    """Refuse, before any step, a parallel mode in which the recipe's optimizer cannot run correctly.
+
+    ``mode``: "deepspeed", "fsdp" or anything else (DDP, one process). Never a silent fallback.
+    """
+    if args.optim != "muon":
+        return
+    if mode == "deepspeed":
+        raise RecipeError(
+            f"optim=muon cannot run under DeepSpeed{detail}: ZeRO flattens the parameters into 1-D partitions, so "
+            "torch.optim.Muon would never see a whole weight matrix to orthogonalise (and DeepSpeed's own Muon is "
+            "a different optimizer). Launch with accelerate_configs/ddp.yaml (GPUs) or cpu.yaml (CPU), or set "
+            "optim=adamw_torch to keep DeepSpeed"
+        )
+    if mode == "fsdp":
+        raise RecipeError(
+            f"optim=muon cannot run under FSDP{detail}: each rank holds a shard of every weight matrix, and Muon "
+            "needs the whole matrix to orthogonalise its update. Launch with accelerate_configs/ddp.yaml, or set "
+            "optim=adamw_torch to keep FSDP"
+        )
 
 
 def lr_at(step: int, args: TrainingArguments, max_steps: int) -> float:

@@ -241,6 +241,32 @@ class TrainingArguments:
         "Take output_dir even if its lock is held or the filesystem has no locks (docs/reliability.md). Only for a "
         "holder that is gone for sure: a second live writer corrupts the run.",
     )
+    optim: str = _f(
+        "adamw_torch",
+        "Optimizer: 'adamw_torch' (AdamW on every parameter; 'adamw_torch_fused' is the same, fused where torch "
+        "can) or 'muon' (torch.optim.Muon on the 2-D hidden matrices of the blocks, AdamW with learning_rate, "
+        "adam_* and weight_decay on embeddings, LM head, gains and biases). Muon runs in one process and under "
+        "DDP; DeepSpeed and FSDP are refused (they shard the matrices Muon orthogonalises).",
+    )
+    muon_learning_rate: float = _f(
+        0.02,
+        "optim=muon: Muon's peak learning rate (the schedule's shape is lr_scheduler_type's, scaled to it); "
+        "torch's 'original' adjustment multiplies it by sqrt(max(1, rows/cols)) per matrix, as Jordan's Muon.",
+    )
+    muon_momentum: float = _f(0.95, "optim=muon: Muon's (Nesterov) momentum.")
+    muon_weight_decay: float = _f(
+        0.0, "optim=muon: decoupled weight decay of the Muon matrices (weight_decay stays AdamW's)."
+    )
+    ema_sigma_rels: list[float] | None = _f(
+        None,
+        "Post-hoc EMA (EDM2): keep power-function EMAs of the weights with these relative lengths, e.g. "
+        "[0.05, 0.10], and write snapshots to output_dir/ema/; `gpt2-accel ema RUN --sigma_rel S --output DIR` "
+        "then builds the model of any EMA length in between. None = off. Not under ZeRO-3/FSDP.",
+    )
+    ema_snapshot_steps: int = _f(
+        100,
+        "Write the EMA snapshots every this many steps (and at the end); each is len(ema_sigma_rels) models.",
+    )
 
 
 @dataclass
@@ -609,6 +635,22 @@ def validate(r: Recipe) -> None:
     _check(0 < t.decay_ratio <= 1, f"decay_ratio must be in (0, 1], got {t.decay_ratio}")
     _check(t.weight_decay >= 0, "weight_decay must be >= 0")
     _check(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)")
+    _check(
+        t.optim in ("adamw_torch", "adamw_torch_fused", "muon"),
+        f"optim must be 'adamw_torch', 'adamw_torch_fused' or 'muon', got {t.optim!r}",
+    )
+    _check(t.muon_learning_rate > 0, f"muon_learning_rate must be > 0, got {t.muon_learning_rate}")
+    _check(0 <= t.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {t.muon_momentum}")
+    _check(t.muon_weight_decay >= 0, f"muon_weight_decay must be >= 0, got {t.muon_weight_decay}")
+    if t.ema_sigma_rels is not None:
+        from .ema import SIGMA_REL_MAX
+
+        _check(
+            len(t.ema_sigma_rels) >= 1, "ema_sigma_rels must list at least one sigma_rel, or be null (off)"
+        )
+        bad = [s for s in t.ema_sigma_rels if not 0 < s < SIGMA_REL_MAX]
+        _check(not bad, f"ema_sigma_rels {bad} must be in (0, {SIGMA_REL_MAX:.4f}); EDM2 tracks [0.05, 0.10]")
+    _check(t.ema_snapshot_steps >= 1, f"ema_snapshot_steps must be >= 1, got {t.ema_snapshot_steps}")
     _check(t.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)")
     _check(not (t.bf16 and t.fp16), "bf16 and fp16 are both true; choose one")
     _check(t.save_total_limit is None or t.save_total_limit >= 1, "save_total_limit must be >= 1 or null")

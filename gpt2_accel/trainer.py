@@ -28,7 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from .logs import quiet_save, setup_logging
 from .metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, check_optimizer_mode, set_lr
 from .recipe import Recipe, RecipeError, build_recipe, load_recipe
 
 logger = logging.getLogger("gpt2_accel")
@@ -167,6 +167,13 @@ class Trainer:
             from .lora import check_launch
 
             check_launch(dist, acc.state.deepspeed_plugin.zero_stage if self._deepspeed else None)
+        if self._deepspeed:
+            zero = acc.state.deepspeed_plugin.zero_stage
+            check_optimizer_mode(
+                t, "deepspeed", f" (ZeRO stage {zero}, from {self.launch.source or 'the launch'})"
+            )
+        elif dist == DistributedType.FSDP:
+            check_optimizer_mode(t, "fsdp", f" (from {self.launch.source or 'the launch'})")
         resume_dir = self._find_resume_dir()
         if resume_dir is not None:
             from .lora import check_resume
@@ -259,6 +266,7 @@ class Trainer:
             # on every rank, never prepared (no DDP wrapper, no optimizer), in the student's dtype
             dtype = next(self.model_engine.parameters()).dtype
             self.teacher.to(device=acc.device, dtype=dtype)
+        self.ema = self._build_ema(sharded)
 
         self.flops_per_token = flops_per_token(n_params, cfg.n_layer, cfg.n_embd, self.block_size)
         precision = acc.mixed_precision if acc.mixed_precision in ("bf16", "fp16") else "fp32"
@@ -301,6 +309,20 @@ class Trainer:
                     ) from None
                 raise
         self._built = True
+
+    def _build_ema(self, sharded: bool):
+        """The post-hoc EMAs (gpt2_accel/ema.py), kept by the main process; None when ema_sigma_rels is off."""
+        t = self.recipe.training
+        if not t.ema_sigma_rels:
+            return None
+        if sharded:
+            raise RecipeError(
+                "ema_sigma_rels cannot be tracked under ZeRO-3 or FSDP (each rank holds only shards of the weights); "
+                "use ddp.yaml or deepspeed_zero1/2.yaml, or set ema_sigma_rels=null"
+            )
+        from .ema import PowerEMA
+
+        return PowerEMA(self.model, t.ema_sigma_rels) if self.is_main else None
 
     def _check_world(self, acc) -> None:
         """Refuse a launch whose world differs from what was asked: a silent fallback trains N separate models."""
@@ -519,6 +541,16 @@ class Trainer:
         # resumes with another gradient_accumulation_steps (e.g. 2 processes -> 1 process x 2 micro-batches) would
         # otherwise sync in the middle of a step. Checkpoints are written at step boundaries: realign to one.
         acc.step = self.state.step * self.recipe.training.gradient_accumulation_steps
+        if self.ema is not None:
+            from .ema import STATE_FILE, drop_snapshots_after
+
+            if not (path / STATE_FILE).is_file():
+                raise RecipeError(
+                    f"cannot resume {path} with ema_sigma_rels: it was trained without EMAs (a power EMA starts at "
+                    "step 1). Set ema_sigma_rels=null to resume it, or start a new output_dir"
+                )
+            self.ema.load(path / STATE_FILE)
+            drop_snapshots_after(self.output_dir, self.state.step)
         data_state = ckpt.read_json(path / "data_state.json")
         self.train_loader.load_state_dict(data_state["ranks"])
         self.metrics.truncate_after(self.state.step)
@@ -559,6 +591,10 @@ class Trainer:
             ckpt.write_json(tmp / "trainer_state.json", self.state.__dict__)
             ckpt.write_json(tmp / "data_state.json", {"world_size": acc.num_processes, "ranks": data_states})
             ckpt.write_json(tmp / "recipe.json", self.recipe.flat())
+            if self.ema is not None:
+                from .ema import STATE_FILE
+
+                self.ema.save(tmp / STATE_FILE, step)
             ckpt.atomic_write_text(tmp / "recipe.yaml", self.recipe.to_yaml())
         acc.wait_for_everyone()
         final = Path(self.output_dir) / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)
@@ -691,9 +727,7 @@ class Trainer:
 
         while self.state.step < self.max_steps:
             step = self.state.step
-            lr = lr_at(step, t, self.max_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = set_lr(opt, step, t, self.max_steps)
             step_loss = torch.zeros((), device=acc.device)
             for _ in range(ga):
                 batch = next(data_iter).to(acc.device, non_blocking=True)  # (B, T + 1)
@@ -721,6 +755,8 @@ class Trainer:
                         opt.zero_grad(set_to_none=True)
             self.state.step += 1
             self.state.tokens_seen += self.tokens_per_step
+            if self.ema is not None:
+                self.ema.after_step(self.state.step, self.max_steps, self.output_dir, t.ema_snapshot_steps)
             loss_sum += step_loss
             steps_since_log += 1
             bar.update(1)

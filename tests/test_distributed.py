@@ -569,3 +569,46 @@ def test_a_rank_that_dies_or_hangs_ends_the_run_in_bounded_time(tokens, tmp_path
     assert elapsed < timeout_s + 60, elapsed
     assert "another process died, or hung for longer than ddp_timeout=20s" in out
     assert "relaunch the same command to resume" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Muon (optim=muon): DDP runs it exactly; DeepSpeed is refused before any step
+# ---------------------------------------------------------------------------------------------------------------
+MUON = ["--optim=muon", "--muon_learning_rate=0.02", "--muon_weight_decay=0.01"]
+
+
+def test_muon_two_processes_equal_one_process_with_accumulation(tokens, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "ddp2"
+    _run(_launch("cpu.yaml", 1, tokens, ref, "--gradient_accumulation_steps=2", *MUON))
+    _run(_launch("cpu.yaml", 2, tokens, run, *MUON))
+    # Newton-Schulz's five matrix polynomials amplify the all-reduce's fp32 summation-order differences in the
+    # gradient, so the tolerance is looser than AdamW's LOSS_TOL
+    a, b = _losses(run), _losses(ref)
+    assert a.keys() == b.keys() and len(a) == 10
+    for k in a:
+        assert a[k] == pytest.approx(b[k], abs=2e-3), (k, a[k], b[k])
+    torch.testing.assert_close(_logits(run), _logits(ref), rtol=0, atol=5e-3)
+    sums = json.loads((run / "run_info.json").read_text())["replica_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]  # the replicas took the same Muon steps
+    # the AdamW-only run on the same data is a different trajectory: Muon really ran
+    assert abs(_losses(ref)[10] - _losses(run)[10]) < abs(_losses(ref)[10] - _adamw_loss_10(tokens, tmp_path))
+
+
+def _adamw_loss_10(tokens: Path, tmp_path: Path) -> float:
+    out = tmp_path / "adamw"
+    _run(_launch("cpu.yaml", 1, tokens, out, "--gradient_accumulation_steps=2", "--save_steps=0"))
+    return _losses(out)[10]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["deepspeed_zero1.yaml", "deepspeed_zero2.yaml"])
+def test_muon_under_deepspeed_is_refused_before_any_step(config, tokens, tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    cmd = _launch(config, 2, tokens, out, *MUON)
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode != 0
+    stage = config.split("zero")[1][0]
+    assert f"optim=muon cannot run under DeepSpeed (ZeRO stage {stage}" in proc.stderr, proc.stderr[-3000:]
+    assert "cpu.yaml" in proc.stderr and "optim=adamw_torch" in proc.stderr  # the fixes are named
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()  # no step ran

@@ -416,3 +416,20 @@ def test_no_validation_data_trains_without_evals(tmp_path):
     t = _api_trainer(tmp_path, validation_split_percentage=0, eval_steps=2)
     final = t.train()
     assert final["step"] == 4 and "val_loss" not in final
+
+
+def test_muon_checkpoint_resume_is_bitwise_identical(tmp_path):
+    import shutil
+
+    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
+    args = ["--optim=muon", "--max_steps=8", "--logging_steps=1", "--save_steps=4", "--eval_steps=0"]
+    _run(_launch_cmd(f"--output_dir={ref}", *args))
+    shutil.copytree(ref / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
+    shutil.copy(ref / "metrics.jsonl", resumed / "metrics.jsonl")
+    proc = _run(_launch_cmd(f"--output_dir={resumed}", *args))
+    assert "resumed from" in proc.stderr and "at step 4" in proc.stderr
+    assert _train_losses(resumed) == _train_losses(ref)  # every step, bitwise
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -53,7 +53,7 @@ def test_import_warns_once_and_never_fails_with_an_untested_version():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     count, message = out.stdout.strip().splitlines()
-    assert count == "1" and message.startswith("transformers 99.0.0 is installed") and ">=4.56" in message
+    assert count == "1" and message.startswith("transformers 99.0.0 is installed") and "<6" in message
 
 
 def _deps(*args: str) -> subprocess.CompletedProcess:
