@@ -6,7 +6,7 @@
 #
 #   bash scripts/drift.sh                 both environments
 #   bash scripts/drift.sh newest          one of them (newest | lowest)
-#   EXTRAS=dev,deepspeed                  extras to install (default: dev,deepspeed,tensorboard)
+#   EXTRAS=dev,deepspeed                  extras to install (default: the same as scripts/setup_env.sh)
 #   TORCH_SPEC=...                        torch for the environment (default: newest: the newest release setup.cfg
 #                                         allows, on PyPI a multi-GB CUDA build that runs the suite on CPU too;
 #                                         lowest: setup.cfg's lower bound)
@@ -17,7 +17,7 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/fresh_env.sh"
-EXTRAS="${EXTRAS:-dev,deepspeed,tensorboard}"
+EXTRAS="${EXTRAS:-dev,deepspeed,tensorboard,peft,gguf,onnx,lm_eval}"
 range="$(grep -E '^\s*torch\s*[<>=]' "$ROOT/setup.cfg" | head -1 | tr -d ' ')"  # e.g. torch>=2.13,<2.15
 modes=("$@")
 [ ${#modes[@]} -eq 0 ] && modes=(newest lowest)

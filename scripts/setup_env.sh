@@ -6,14 +6,15 @@
 #   TORCH_SPEC   the torch requirement installed first (default: the lock's torch pin, e.g. torch==2.13.0, which
 #                is the CPU build where a CPU wheel is offered). GPU users:
 #                TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
-#   EXTRAS       extras of gpt2_accel to install (default: dev,deepspeed,tensorboard).
+#   EXTRAS       extras of gpt2_accel to install (default: dev,deepspeed,tensorboard,peft,gguf,onnx,lm_eval:
+#                everything the test suite exercises except llama_cpp, which compiles llama.cpp).
 #   LOCK         1 (default): install the lock's versions; 0: resolve the ranges in setup.cfg instead (newest).
 #   PYTHON       interpreter used to create the venv (default: python3).
 #   VENV         where the environment lives (default: ./.venv).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
-EXTRAS="${EXTRAS:-dev,deepspeed,tensorboard}"
+EXTRAS="${EXTRAS:-dev,deepspeed,tensorboard,peft,gguf,onnx,lm_eval}"
 LOCK="${LOCK:-1}"
 PYTHON="${PYTHON:-python3}"
 LOCKFILE="$ROOT/constraints.txt"
