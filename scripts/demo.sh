@@ -7,8 +7,9 @@ cd "$ROOT"
 source scripts/setup_env.sh
 OUT=runs/demo
 for a in "$@"; do case "$a" in --output_dir=*) OUT="${a#--output_dir=}";; esac; done
+# One process using every core (accelerate's own default, passed explicitly so it does not print a warning).
 accelerate launch --config_file accelerate_configs/cpu.yaml --num_processes 1 \
-  -m gpt2_accel.train recipes/demo.yaml "$@"
+  --num_cpu_threads_per_process "$(nproc 2>/dev/null || echo 1)" -m gpt2_accel.train recipes/demo.yaml "$@"
 echo
 echo "=== samples from $OUT (loss curve: $OUT/loss_curve.png, metrics: $OUT/metrics.jsonl) ==="
 gpt2-accel sample --model "$OUT" --prompt "ROMEO:" --num_samples 2 --max_new_tokens 120 --temperature 0.8 --top_k 200 --seed 1
