@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_gpt2_accel import GPT2AccelConfig
+from .configuration_gpt2_accel import YARN_KEYS, GPT2AccelConfig
 from .modeling_gpt2_accel import GPT2AccelForCausalLM
 
 # Weights stored as transformers Conv1D (in, out) in GPT2LMHeadModel, nn.Linear (out, in) in ours.
@@ -310,22 +310,7 @@ def _from_rotary(hf, **config_overrides) -> GPT2AccelForCausalLM:
         raise ValueError(
             f"this {type(hf).__name__} uses features GPT2AccelForCausalLM lacks: {'; '.join(problems)}"
         )
-    rope = {
-        k: v
-        for k, v in rope.items()
-        if k
-        in (
-            "rope_type",
-            "rope_theta",
-            "factor",
-            "original_max_position_embeddings",
-            "beta_fast",
-            "beta_slow",
-            "truncate",
-            "attention_factor",
-        )
-        and v is not None
-    }
+    rope = {k: v for k, v in rope.items() if k in ("rope_theta", *YARN_KEYS) and v is not None}
     layer_types = getattr(src, "layer_types", None)
     sliding = (
         getattr(src, "sliding_window", None) if layer_types and "sliding_attention" in layer_types else None
