@@ -5,8 +5,8 @@
 # Run `bash scripts/drift.sh` first; commit the new lock together with the full suite passing on it
 # (`bash scripts/test.sh`, which reinstalls .venv from the new lock).
 #
-#   EXTRAS   extras resolved into the lock (default: every extra in setup.cfg, so optional installs keep the
-#            locked versions)
+#   EXTRAS   extras resolved into the lock (default: every extra in setup.cfg but llama_cpp, so optional installs
+#            keep the locked versions; llama-cpp-python compiles llama.cpp for the machine, so it is not locked)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/fresh_env.sh"
@@ -15,7 +15,7 @@ EXTRAS="${EXTRAS:-$("$PYTHON" - "$ROOT/setup.cfg" <<'PY'
 import configparser, sys
 c = configparser.ConfigParser()
 c.read(sys.argv[1])
-print(",".join(c["options.extras_require"]))
+print(",".join(e for e in c["options.extras_require"] if e != "llama_cpp"))
 PY
 )}"
 spec="${TORCH_SPEC:-$("$PYTHON" "$ROOT/scripts/deps.py" torch "$ROOT/constraints.txt" 2>/dev/null \
