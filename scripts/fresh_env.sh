@@ -30,7 +30,7 @@ fast_suite() {
   (cd "$ROOT" && export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" && timeout 3000 python -m pytest -m "not slow" \
      -q -p no:cacheprovider ${PYTEST_ARGS:-} > "$log" 2>&1)
   status=$?
-  grep -E '^=+ .*(passed|failed|error).* in [0-9.]+s' "$log" | tail -1 | tr -d '=' | xargs
+  grep -E '(passed|failed|error).* in [0-9.]+s' "$log" | tail -1 | tr -d '=' | xargs  # pytest -q's last line
   [ $status -ne 0 ] && grep -E '^(FAILED|ERROR) ' "$log" | head -20 >&2
   return $status
 }
