@@ -109,6 +109,14 @@ def _strip_secrets(obj: Any) -> Any:
     return obj
 
 
+def _run_records(run_dir: Path) -> tuple[dict, dict, dict, dict]:
+    """What a model card reports of a run: its recipe, the last training log line, the evaluation results (the
+    last eval line, overridden by eval_results.json) and run_info.json."""
+    last_train, last_eval = _read_metrics(run_dir)
+    evals = {**last_eval, **_read_json(run_dir / "eval_results.json")}
+    return _read_recipe(run_dir), last_train, evals, _read_json(run_dir / "run_info.json")
+
+
 def _read_metrics(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The last train line and the last eval line of metrics.jsonl (empty dicts if none)."""
     last_train: dict[str, Any] = {}
@@ -188,11 +196,8 @@ def render_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) ->
     if (model_dir / "adapter_config.json").is_file():
         return render_adapter_card(run_dir, model_dir, repo_id)
     config = _read_json(model_dir / "config.json")
-    recipe = _read_recipe(run_dir)
+    recipe, last_train, evals, info = _run_records(run_dir)
     data, training = recipe.get("data", {}), recipe.get("training", {})
-    last_train, last_eval = _read_metrics(run_dir)
-    evals = {**last_eval, **_read_json(run_dir / "eval_results.json")}
-    info = _read_json(run_dir / "run_info.json")
     name = repo_id or run_dir.resolve().name
     datasets = _hub_dataset_ids(data.get("dataset_name"))
     dataset_label = (
@@ -358,11 +363,8 @@ def render_adapter_card(run_dir: Path, model_dir: Path, repo_id: str | None = No
     adapter = _read_json(model_dir / "adapter_config.json")
     base = str(adapter.get("base_model_name_or_path") or "unknown")
     shipped_base = (run_dir / "base_model").is_dir()
-    recipe = _read_recipe(run_dir)
+    recipe, last_train, evals, info = _run_records(run_dir)
     data, training = recipe.get("data", {}), recipe.get("training", {})
-    last_train, last_eval = _read_metrics(run_dir)
-    evals = {**last_eval, **_read_json(run_dir / "eval_results.json")}
-    info = _read_json(run_dir / "run_info.json")
     name = repo_id or run_dir.resolve().name
     load_id = repo_id or str(run_dir)
     # A base written by the run (new attn_type / scratch) travels in base_model/; a local path means nothing on
