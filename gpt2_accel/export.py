@@ -1,10 +1,11 @@
 """Export a model for other runtimes (``gpt2-accel export``): transformers, llama.cpp (GGUF), ONNX Runtime.
 
-Every format starts from the same place: the model exported as a transformers directory of a class that the
-runtime knows (today ``GPT2LMHeadModel``, see :func:`gpt2_accel.convert.to_hf_gpt2`), read back together with
-its architecture (``config.json``'s ``model_type``). GGUF is written from that directory with the ``gguf``
-package (the library llama.cpp's own converter uses); each architecture the writer knows is one entry of
-:data:`GGUF_ARCHS`, so another exported class (Llama, Qwen3...) is one more entry.
+Every format starts from the same place: the model exported as a transformers directory of the standard class
+that computes it exactly (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``Qwen3ForCausalLM``...; see
+:func:`gpt2_accel.convert.export_class`), read back together with its architecture (``config.json``'s
+``model_type``). GGUF is written from that directory with the ``gguf`` package (the library llama.cpp's own
+converter uses); each architecture the writer knows is one entry of :data:`GGUF_ARCHS` (``gpt2``, ``llama``,
+``qwen3``), and :func:`gguf_blockers` names what llama.cpp cannot compute in a config before anything is written.
 
 ONNX is exported from our module with torch's dynamo exporter as two graphs, the layout Optimum and
 onnxruntime-genai use for decoders: ``decoder_model.onnx`` (the prompt: ``input_ids`` -> ``logits`` and the
@@ -87,12 +88,21 @@ def check_expressible(config, fmt: str) -> None:
         model_type = export_class(config)  # the standard class that computes the model exactly
     except ValueError as e:
         raise ExportError(str(e)) from None
-    if fmt != "hf" and model_type != "gpt2":
-        # The GGUF writer and the ONNX decoder are verified for the GPT-2 graph only (docs/export.md).
+    if fmt == "gguf" and model_type != "gpt2":
+        from .convert import _rotary_config
+
+        blockers = gguf_blockers(_rotary_config(config, model_type).to_dict())
+        if blockers:
+            raise ExportError(
+                f"this model exports as transformers' {model_type} class, which llama.cpp cannot compute exactly "
+                f"here: {'; '.join(blockers)}. Export it with --format hf instead, or retrain without those options"
+            )
+    if fmt == "onnx" and model_type != "gpt2":
+        # The ONNX decoder is written and verified for the GPT-2 graph only (docs/export.md).
         raise ExportError(
-            f"--format {fmt} is written and verified for GPT-2-class models only; this model's architecture "
+            f"--format onnx is written and verified for GPT-2-class models only; this model's architecture "
             f"options make it a {model_type} model. Export it with --format hf (a standard {model_type} "
-            "directory), which llama.cpp's own convert_hf_to_gguf.py and optimum's ONNX export take"
+            "directory), which optimum's ONNX export takes"
         )
 
 
@@ -160,7 +170,7 @@ class GGUFArch:
     arch: str  # a gguf.MODEL_ARCH member name
     write_metadata: Callable  # (writer, hf_config: dict) -> None
     to_gguf_layout: (
-        Callable  # (hf_name, tensor) -> tensor in GGUF's (out, in) row-major layout, or None to skip
+        Callable  # (hf_name, tensor, hf_config) -> tensor in GGUF's (out, in) layout, or None to skip
     )
 
 
@@ -188,8 +198,105 @@ def _gpt2_layout(name: str, tensor: torch.Tensor, cfg: dict) -> torch.Tensor | N
     return tensor
 
 
+def _rope(cfg: dict) -> dict:
+    """The rotary settings of a transformers Llama/Qwen3 config (transformers 5's ``rope_parameters``, or the
+    older ``rope_theta`` + ``rope_scaling``)."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    return rope
+
+
+def _yarn_mscale(factor: float) -> float:
+    """YaRN's attention temperature for ``factor`` (Peng et al. 2023, eq. 22; transformers' get_mscale)."""
+    import math
+
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def gguf_blockers(cfg: dict) -> list[str]:
+    """What llama.cpp cannot compute in the transformers config ``cfg`` (empty: the GGUF computes it exactly).
+
+    Read from the llama.cpp that llama-cpp-python 0.3.36 vendors (src/models/llama.cpp, qwen3.cpp,
+    llama-context.cpp, llama-hparams.h): its Llama and Qwen3 graphs have no sliding-window attention, Qwen3's has no attention
+    output bias, and its YaRN uses beta_fast=32 / beta_slow=1 for these architectures (the GGUF keys are not
+    read) and truncates the correction range as transformers' ``truncate=True`` does.
+    """
+    model_type = cfg.get("model_type")
+    if model_type not in GGUF_ARCHS:
+        return [f"model_type={model_type!r} (llama.cpp architectures written: {', '.join(GGUF_ARCHS)})"]
+    if model_type == "gpt2":
+        return []
+    b = []
+    if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or []):
+        b.append("sliding_window (llama.cpp's llama/qwen3 graphs attend to every earlier position)")
+    if model_type == "qwen3" and cfg.get("attention_bias"):
+        b.append("attention_bias=True (llama.cpp's qwen3 graph has no attention output bias)")
+    rope = _rope(cfg)
+    if rope["rope_type"] not in ("default", "yarn"):
+        b.append(f"rope_type={rope['rope_type']!r} (written: default, yarn)")
+    if rope["rope_type"] == "yarn":
+        for key, fixed in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True)):
+            if rope.get(key, fixed) != fixed:
+                b.append(f"YaRN {key}={rope[key]!r} (llama.cpp's {model_type} graph uses {fixed})")
+    return b
+
+
+def _rotary_metadata(writer, cfg: dict) -> None:
+    """Llama / Qwen3 hyper-parameters under llama.cpp's keys (what convert_hf_to_gguf.py writes for them)."""
+    import gguf
+
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])  # GQA / MQA
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)  # the whole head rotates
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    rope = _rope(cfg)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == "yarn":
+        factor = float(rope["factor"])
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        if rope.get("attention_factor") is not None:
+            # llama.cpp applies YaRN's own temperature (0.1 ln(factor) + 1) and multiplies by
+            # `rope.scaling.attn_factor` (llama-context.cpp); transformers uses attention_factor instead of it.
+            writer.add_rope_scaling_attn_factors(float(rope["attention_factor"]) / _yarn_mscale(factor))
+
+
+def _permute_rotary_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """transformers' Llama rotates each head's two halves (x_i, x_{i + hs/2}); llama.cpp's llama graph rotates
+    adjacent pairs (x_2i, x_2i+1) (LLAMA_ROPE_TYPE_NORM). Reordering the rows of q and k per head,
+    (nh, 2, hs/2, ...) -> (nh, hs/2, 2, ...), turns one into the other; dot products of q and k are unchanged.
+    convert_hf_to_gguf.py does the same for LlamaModel (its `permute`)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _rotary_layout(name: str, tensor: torch.Tensor, cfg: dict) -> torch.Tensor | None:
+    if name == "lm_head.weight" and cfg.get("tie_word_embeddings", True):
+        return None  # tied: llama.cpp reuses token_embd when `output` is absent
+    if name.endswith(".rotary_emb.inv_freq"):
+        return None  # a buffer recomputed from the metadata
+    if cfg["model_type"] == "llama":  # Qwen3's graph rotates halves, as transformers does (NEOX rope)
+        if ".self_attn.q_proj." in name:
+            return _permute_rotary_halves(tensor, cfg["num_attention_heads"])
+        if ".self_attn.k_proj." in name:
+            n_kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+            return _permute_rotary_halves(tensor, n_kv)
+    return tensor  # nn.Linear weights are already (out, in)
+
+
 GGUF_ARCHS: dict[str, GGUFArch] = {
     "gpt2": GGUFArch("GPT2", _gpt2_metadata, _gpt2_layout),
+    "llama": GGUFArch("LLAMA", _rotary_metadata, _rotary_layout),
+    "qwen3": GGUFArch("QWEN3", _rotary_metadata, _rotary_layout),
 }
 
 
@@ -239,12 +346,14 @@ def _gguf_tokenizer(writer, directory: Path, vocab_size: int) -> None:
     writer.add_add_bos_token(False)  # GPT-2 prompts start without a BOS token (transformers adds none)
 
 
-def write_gguf(directory: str | os.PathLike, path: str | os.PathLike, outtype: str = "f32") -> None:
+def write_gguf(
+    directory: str | os.PathLike, path: str | os.PathLike, outtype: str = "f32", *, name: str | None = None
+) -> None:
     """Write the transformers model directory ``directory`` (a class in :data:`GGUF_ARCHS`) as a GGUF file.
 
     ``outtype``: ``f32``; ``f16`` (matrices in half precision, norms and biases f32, as llama.cpp's converter);
     ``q8_0`` (matrices in llama.cpp's 8-bit blocks of 32; a matrix whose rows are not a multiple of 32 falls
-    back to f16, as llama.cpp's converter does).
+    back to f16, as llama.cpp's converter does). ``name``: ``general.name`` (default: the directory's name).
     """
     import gguf
     import numpy as np
@@ -253,11 +362,9 @@ def write_gguf(directory: str | os.PathLike, path: str | os.PathLike, outtype: s
     directory = Path(directory)
     cfg = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     model_type = cfg.get("model_type")
-    if model_type not in GGUF_ARCHS:
-        raise ExportError(
-            f"GGUF export knows the transformers classes {sorted(GGUF_ARCHS)}; {directory} is "
-            f"model_type={model_type!r}"
-        )
+    blockers = gguf_blockers(cfg)
+    if blockers:
+        raise ExportError(f"{directory} cannot be written as GGUF for llama.cpp: {'; '.join(blockers)}")
     if outtype not in OUTTYPES["gguf"]:
         raise ExportError(f"--outtype {outtype!r} is not a GGUF type we write; use {OUTTYPES['gguf']}")
     spec = GGUF_ARCHS[model_type]
@@ -276,7 +383,7 @@ def write_gguf(directory: str | os.PathLike, path: str | os.PathLike, outtype: s
         raise ExportError(f"{directory} has no *.safetensors weights")
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(cfg.get("_name_or_path") or directory.name)
+    writer.add_name(name or directory.name)
     spec.write_metadata(writer, cfg)
     writer.add_file_type(file_type)
     if outtype == "q8_0":
@@ -435,7 +542,7 @@ def export(
     def gguf_file(target: Path) -> None:
         with tempfile.TemporaryDirectory(prefix=".hf-", dir=target.parent) as hf_dir:
             write_hf(model, Path(hf_dir), tokenizer)
-            write_gguf(hf_dir, target, outtype)
+            write_gguf(hf_dir, target, outtype, name=output.stem)
 
     return _atomic_target(output, overwrite, gguf_file, is_dir=False)
 
@@ -463,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         out = export(args.model, args.format, args.output, outtype=args.outtype, overwrite=args.overwrite)
     except (OSError, ValueError, TypeError) as e:
         p.exit(2, f"gpt2-accel export: error: {e}\n")
-    what = {"hf": "transformers GPT2LMHeadModel directory", "gguf": "GGUF file", "onnx": "ONNX directory"}
+    what = {"hf": "transformers directory", "gguf": "GGUF file", "onnx": "ONNX directory"}
     print(f"wrote {what[args.format]} ({args.outtype or OUTTYPES[args.format][0]}) to {out}")
     return 0
 

@@ -105,7 +105,7 @@ def test_failed_export_leaves_no_partial_file_and_keeps_the_old_one(run_dir, tmp
     target = tmp_path / "m.gguf"
     target.write_bytes(b"previous export")
 
-    def broken(directory, path, outtype="f32"):
+    def broken(directory, path, outtype="f32", **kwargs):
         Path(path).write_bytes(b"half a file")
         raise OSError("disk full")
 
@@ -214,31 +214,267 @@ def test_gguf_holds_the_exported_weights_tokenizer_and_hyperparameters(run_dir, 
 def _llama_cpp():
     try:
         import llama_cpp
-    except ImportError:
+    except ImportError as e:
         pytest.skip(
-            "llama-cpp-python is not installed (pip install -e '.[llama_cpp]'; it compiles llama.cpp, ~5-25 min)"
+            f"llama_cpp is not importable ({e}); `bash scripts/setup_env.sh` builds and caches it, or "
+            "pip install -e '.[llama_cpp]' (compiles llama.cpp, ~5-25 min)"
         )
     return llama_cpp
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("outtype", ["f32", "f16"])
-def test_llama_cpp_greedy_tokens_equal_transformers(run_dir, tmp_path, outtype):
+def _llama_cpp_run(path: Path, ids: list[int], n: int):
+    """llama.cpp on the GGUF at ``path``: its own tokenisation of PROMPT, the next-token logits after ``ids``
+    and its first ``n`` greedy tokens."""
+    import numpy as np
+
     llama_cpp = _llama_cpp()
-    out = tmp_path / f"m-{outtype}.gguf"
-    assert main([str(run_dir), "--format", "gguf", "--output", str(out), "--outtype", outtype]) == 0
-    ids = _prompt_ids(run_dir)
-    want = _greedy(_ours(run_dir), ids, 16)
-    assert len(set(want)) > 2, f"the test model is degenerate: {want}"
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, verbose=False, logits_all=False)
-    # llama.cpp's own tokenizer, read from the GGUF, splits the prompt as transformers does
-    assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, logits_all=False)
+    tokens = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
+    llm.reset()
+    llm.eval(ids)
+    logits = torch.from_numpy(np.array(llm.scores[len(ids) - 1], dtype=np.float32))  # (V,): last prompt token
     got = []
     for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
         got.append(tok)
-        if len(got) == 16:
+        if len(got) == n:
             break
-    assert got == want
+    llm.close()
+    return tokens, logits, got
+
+
+def _hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float()  # (V,)
+
+
+def _check_llama_cpp(gguf_path: Path, hf_model, ids: list[int], outtype: str) -> None:
+    """llama.cpp's tokenizer splits PROMPT into ``ids`` (transformers'); f32/f16: its first 16 greedy tokens equal
+    transformers'; q8_0 (weights rounded to 8 bits): its next-token logits after the prompt are within 3% of the
+    logit range of transformers' and its first greedy token is transformers' (a longer greedy run of a random
+    model flips on near-ties, so it is not asserted)."""
+    want = _greedy(hf_model, ids, 16)
+    assert len(set(want)) > 2, f"the test model is degenerate: {want}"
+    tokens, logits, got = _llama_cpp_run(gguf_path, ids, 16)
+    assert tokens == ids  # llama.cpp's BPE, read from the GGUF's vocabulary and merges
+    ref = _hf_logits(hf_model, ids)
+    span = (ref.max() - ref.min()).item()
+    tol = {"f32": 1e-4, "f16": 1e-2, "q8_0": 3e-2}[outtype]
+    torch.testing.assert_close(logits, ref, atol=tol * span, rtol=0)
+    if outtype == "q8_0":
+        assert got[0] == want[0]
+    else:
+        assert got == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+def test_llama_cpp_greedy_tokens_equal_transformers(run_dir, tmp_path, outtype):
+    _llama_cpp()
+    out = tmp_path / f"m-{outtype}.gguf"
+    assert main([str(run_dir), "--format", "gguf", "--output", str(out), "--outtype", outtype]) == 0
+    _check_llama_cpp(out, _ours(run_dir), _prompt_ids(run_dir), outtype)
+
+
+# ------------------------------------------------------------------------------------------------ GGUF: Llama, Qwen3
+
+ROTARY = dict(position_embedding_type="rope", norm_type="rmsnorm", mlp_type="swiglu", bias=False)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+# name -> (our options, llama.cpp architecture). Prompt + 16 new tokens reach position ~24, past YaRN's 16.
+ROTARY_RUNS = {
+    "llama": (
+        dict(
+            ROTARY,
+            n_kv_head=2,
+            rope_scaling=YARN,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=False,
+        ),
+        "llama",
+    ),
+    "qwen3": (dict(ROTARY, n_kv_head=1, qk_norm=True, rope_theta=50000.0), "qwen3"),
+}
+
+
+@pytest.fixture(scope="module")
+def rotary_runs(tmp_path_factory) -> dict[str, Path]:
+    """Llama-class (GQA, YaRN, biases, untied head) and Qwen3-class (MQA, qk-norm) model directories with the GPT-2
+    BPE, weights spread as in ``run_dir`` so that greedy decoding varies."""
+    from conftest import tiny_model
+
+    from gpt2_accel.tokenization import get_tokenizer
+
+    runs = {}
+    for name, (options, _) in ROTARY_RUNS.items():
+        model = tiny_model(vocab_size=50257, pad_vocab_size_multiple=64, **options)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "wte" not in pname:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        out = tmp_path_factory.mktemp("rotary") / name
+        model.save_pretrained(out)
+        get_tokenizer("gpt2").save_pretrained(out, model_max_length=model.config.n_positions)
+        runs[name] = out
+    return runs
+
+
+def _rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's "normal" rope (ggml_rope, mode 0): rotate adjacent pairs (x_2i, x_2i+1) by angle i.
+    x: (T, nh, hs); cos, sin: (T, hs/2), the angles' cosines and sines (attention scaling included)."""
+    a, b = x[..., 0::2], x[..., 1::2]
+    c, s = cos[:, None], sin[:, None]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("name", list(ROTARY_RUNS))
+def test_gguf_of_llama_and_qwen3_models_holds_their_weights_and_hyperparameters(rotary_runs, tmp_path, name):
+    gguf = pytest.importorskip("gguf")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from gpt2_accel.convert import to_hf
+
+    arch = ROTARY_RUNS[name][1]
+    out = tmp_path / f"{name}.gguf"
+    assert main([str(rotary_runs[name]), "--format", "gguf", "--output", str(out)]) == 0
+    r = gguf.GGUFReader(out)
+    field = {k: f.contents() for k, f in r.fields.items()}
+    hf = to_hf(_ours(rotary_runs[name])).double()
+    c = hf.config
+    assert field["general.architecture"] == arch and field["general.name"] == name
+    expect = {
+        "context_length": 64, "embedding_length": 64, "feed_forward_length": c.intermediate_size, "block_count": 2,
+        "attention.head_count": 4, "attention.head_count_kv": c.num_key_value_heads, "rope.dimension_count": 16,
+        "rope.freq_base": c.rope_parameters["rope_theta"], "vocab_size": 50257,
+    }  # fmt: skip
+    assert {k: field[f"{arch}.{k}"] for k in expect} == expect
+    assert field[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(c.rms_norm_eps)
+    if name == "llama":
+        assert field["llama.rope.scaling.type"] == "yarn" and field["llama.rope.scaling.factor"] == 4.0
+        assert field["llama.rope.scaling.original_context_length"] == 16
+    else:
+        assert "qwen3.rope.scaling.type" not in field
+    assert field["tokenizer.ggml.model"] == "gpt2" and field["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(field["tokenizer.ggml.tokens"]) == 50257 and len(field["tokenizer.ggml.merges"]) == 50000
+
+    # Every transformers tensor is there once, under llama.cpp's name and (out, in) shape.
+    got = {
+        t.name: torch.from_numpy(t.data.copy()).double().reshape(tuple(reversed(t.shape.tolist())))
+        for t in r.tensors
+    }
+    per_layer = [
+        "attn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_norm",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ]
+    per_layer += {
+        "llama": [
+            "attn_q.bias",
+            "attn_k.bias",
+            "attn_v.bias",
+            "attn_output.bias",
+            "ffn_gate.bias",
+            "ffn_up.bias",
+            "ffn_down.bias",
+        ],
+        "qwen3": ["attn_q_norm", "attn_k_norm"],
+    }[name]
+    names = {"token_embd.weight", "output_norm.weight"} | ({"output.weight"} if name == "llama" else set())
+    names |= {
+        f"blk.{i}.{n}" + ("" if n.endswith(".bias") else ".weight") for i in range(2) for n in per_layer
+    }
+    assert set(got) == names  # fmt: skip
+    att = hf.model.layers[1].self_attn
+    assert got["blk.1.attn_v.weight"].shape == att.v_proj.weight.shape
+    torch.testing.assert_close(got["blk.1.attn_output.weight"], att.o_proj.weight, atol=0, rtol=0)
+    torch.testing.assert_close(
+        got["blk.1.ffn_gate.weight"], hf.model.layers[1].mlp.gate_proj.weight, atol=0, rtol=0
+    )
+
+    # Q and K: attention scores computed the llama.cpp way (its rope on the GGUF's rows) equal transformers'
+    # (its rope on q_proj/k_proj), in float64, at positions 0..19 -- whatever row order each uses.
+    T, nh, nkv, hs = 20, 4, c.num_key_value_heads, 16
+    x = torch.randn(T, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(T, dtype=torch.float64)
+    cos, sin = hf.model.rotary_emb(x[None], pos[None].long())  # (1, T, hs), YaRN's scaling included
+
+    def heads(w, b, n):
+        y = x @ w.T + (b if b is not None else 0)  # (T, n * hs)
+        return y.view(T, n, hs)
+
+    def scores(q, k):  # (T, nh, hs), (T, nkv, hs) -> (nh, T, T)
+        return torch.einsum("thd,shd->hts", q, k.repeat_interleave(nh // nkv, dim=1))
+
+    q, k = heads(att.q_proj.weight, att.q_proj.bias, nh), heads(att.k_proj.weight, att.k_proj.bias, nkv)
+    if name == "qwen3":  # per-head RMSNorm before the rotation, in both graphs
+        q, k = att.q_norm(q), att.k_norm(k)
+    qh, kh = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    want = scores(qh[0].transpose(0, 1), kh[0].transpose(0, 1))
+    gq, gk = got["blk.1.attn_q.weight"], got["blk.1.attn_k.weight"]
+    q2, k2 = heads(gq, got.get("blk.1.attn_q.bias"), nh), heads(gk, got.get("blk.1.attn_k.bias"), nkv)
+    if name == "qwen3":  # llama.cpp's qwen3 graph rotates halves as transformers does (NEOX rope)
+        q2, k2 = att.q_norm(q2), att.k_norm(k2)
+        assert torch.equal(gq, att.q_proj.weight)
+        q2, k2 = (
+            (q2 * cos[0, :, None] + _rotate_half(q2) * sin[0, :, None]),
+            (k2 * cos[0, :, None] + _rotate_half(k2) * sin[0, :, None]),
+        )
+    else:  # llama.cpp's llama graph rotates adjacent pairs (the same angles, YaRN's scaling included)
+        half = (cos[0, :, : hs // 2], sin[0, :, : hs // 2])  # transformers' cos/sin repeat each angle twice
+        q2, k2 = _rope_pairs(q2, *half), _rope_pairs(k2, *half)
+        assert not torch.equal(gq, att.q_proj.weight)  # rows reordered
+    torch.testing.assert_close(scores(q2, k2), want, atol=1e-9, rtol=1e-9)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.size(-1) // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(ROTARY, qk_norm=True, sliding_window=4), r"qwen3 class, which llama.cpp cannot .*sliding_window"),
+        (dict(ROTARY, qk_norm=True, attention_bias=True), r"attention_bias=True \(llama.cpp's qwen3 graph has no"),
+        (dict(ROTARY, rope_scaling=dict(YARN, truncate=False)), r"llama class.*YaRN truncate=False"),
+        (dict(ROTARY, rope_scaling=dict(YARN, beta_fast=16)), r"YaRN beta_fast=16 \(llama.cpp's llama graph uses 32"),
+        (dict(ROTARY, mlp_type="relu2", qk_norm=True, norm_after_embedding=True, norm_elementwise_affine=False),
+         r"model_type='nanochat' \(llama.cpp architectures written: gpt2, llama, qwen3\)"),
+    ],
+    ids=["qwen3-sliding", "qwen3-attention-bias", "yarn-untruncated", "yarn-beta", "nanochat"],
+)  # fmt: skip
+def test_gguf_refuses_what_llama_cpp_cannot_compute_before_writing(options, match, tmp_path):
+    from conftest import tiny_model
+
+    src = tmp_path / "m"
+    tiny_model(**options).save_pretrained(src)
+    with pytest.raises(ExportError, match=match):
+        export(str(src), "gguf", tmp_path / "m.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+@pytest.mark.parametrize("name", list(ROTARY_RUNS))
+def test_llama_cpp_runs_llama_and_qwen3_exports_as_transformers_does(rotary_runs, tmp_path, name, outtype):
+    from transformers import AutoModelForCausalLM
+
+    _llama_cpp()
+    run = rotary_runs[name]
+    hf_dir, out = tmp_path / "hf", tmp_path / f"{name}-{outtype}.gguf"
+    assert main([str(run), "--format", "hf", "--output", str(hf_dir)]) == 0
+    assert main([str(run), "--format", "gguf", "--output", str(out), "--outtype", outtype]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(
+        hf_dir
+    ).eval()  # transformers' own LlamaForCausalLM / Qwen3ForCausalLM
+    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[name]
+    _check_llama_cpp(out, hf, _prompt_ids(run), outtype)
 
 
 # ------------------------------------------------------------------------------------------------ ONNX
