@@ -7,7 +7,9 @@
 #                is the CPU build where a CPU wheel is offered). GPU users:
 #                TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 #   EXTRAS       extras of gpt2_accel to install (default: dev,deepspeed,tensorboard,peft,gguf,onnx,lm_eval:
-#                everything the test suite exercises except llama_cpp, which compiles llama.cpp).
+#                everything the test suite exercises; llama_cpp is installed by the next step instead).
+#   LLAMA_CPP    1 (default): install llama-cpp-python for the slow llama.cpp tests from a wheel cache outside the
+#                clone, compiling it once (scripts/llama_cpp_wheel.sh: cache, seeding, timeout); 0: skip it.
 #   LOCK         1 (default): install the lock's versions; 0: resolve the ranges in setup.cfg instead (newest).
 #   PYTHON       interpreter used to create the venv (default: python3).
 #   VENV         where the environment lives (default: ./.venv).
@@ -47,5 +49,10 @@ else
   "$VENV/bin/python" -m pip install --quiet $TORCH_SPEC
   "$VENV/bin/python" -m pip install --quiet "${constraints[@]}" -e "$ROOT[$EXTRAS]"
   echo "$want" > "$stamp"
+fi
+if [ "${LLAMA_CPP:-1}" = 1 ]; then
+  # shellcheck source=scripts/llama_cpp_wheel.sh
+  source "$ROOT/scripts/llama_cpp_wheel.sh"
+  llama_cpp_install
 fi
 export PATH="$VENV/bin:$PATH"

@@ -215,9 +215,11 @@ def _llama_cpp():
     try:
         import llama_cpp
     except ImportError as e:
+        # scripts/setup_env.sh (scripts/llama_cpp_wheel.sh) says what happened to the binding's build
+        setup = os.environ.get("GPT2_ACCEL_LLAMA_CPP_STATUS", "no set-up status: not run by scripts/test.sh")
         pytest.skip(
-            f"llama_cpp is not importable ({e}); `bash scripts/setup_env.sh` builds and caches it, or "
-            "pip install -e '.[llama_cpp]' (compiles llama.cpp, ~5-25 min)"
+            f"llama_cpp is not importable ({e}); set-up: {setup}. `bash scripts/llama_cpp_wheel.sh` builds and "
+            "caches it (compiles llama.cpp, ~5-25 min)"
         )
     return llama_cpp
 
