@@ -241,3 +241,46 @@ def test_fast_decoder_refuses_a_block_it_does_not_compute():
     mlp = model.transformer.h[1].mlp
     mlp.forward = lambda x: mlp.c_proj(torch.relu(mlp.c_fc(x)))
     assert not supports_fast_decoding(model)
+
+
+def test_batched_sampling_decodes_the_samples_together_and_greedy_rows_equal_generate(
+    ours, capsys, monkeypatch
+):
+    """`--batch_size` decodes several samples in one forward per token through the fast decoder; its greedy rows
+    are transformers' generate() continuation, the same as one sample at a time."""
+    import gpt2_accel.decode as decode
+
+    model, tok = load_model_and_tokenizer(str(ours))
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(
+            20
+        )  # a varied greedy continuation, not one repeated token
+    shapes = []
+    real = decode.Decoder.generate
+
+    def spy(self, input_ids, *args, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return real(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(decode.Decoder, "generate", spy)
+    prompt = "Once upon a time"
+    kw = dict(max_new_tokens=12, temperature=0.0, seed=0)
+    batched = generate_samples(model, tok, prompt, num_samples=5, batch_size=3, **kw)
+    T = len(tok(prompt)["input_ids"])
+    assert shapes == [(3, T), (2, T)]  # the fast path, two batches
+    x = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        want = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, pad_token_id=0
+        )
+    want_text = tok.decode(want[0].tolist())
+    assert len(set(want[0, T:].tolist())) > 2, "degenerate test model"
+    assert (
+        batched == [want_text] * 5 == generate_samples(model, tok, prompt, num_samples=5, batch_size=1, **kw)
+    )
+    with pytest.raises(ValueError, match="streaming prints one sample at a time"):
+        generate_samples(model, tok, prompt, num_samples=2, batch_size=2, stream=True, **kw)
+    # the command line: --batch_size > 1 prints whole samples (no streaming)
+    out = _cli(capsys, "--model", str(ours), "--prompt", prompt, "--num_samples", "3", "--batch_size", "2",
+               "--max_new_tokens", "5", "--temperature", "0")  # fmt: skip
+    assert out.count("---------------") == 3 and out.count(prompt) == 3
