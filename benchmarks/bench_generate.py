@@ -1,30 +1,31 @@
-"""Generation speed: KV-cache decoding vs full recomputation of the sequence at every token (issue 9: >= 10x).
+"""Generation speed on CPU/GPU: what `gpt2-accel sample` runs against transformers' generate() and simpler loops,
+at batch 1 against the memory-bandwidth floor, and with several prompts decoded together (issues 9 and 19).
 
-    python benchmarks/bench_generate.py                      # reference shape + GPT-2 124M shape, prompts 1 and 256
-    python benchmarks/bench_generate.py --shape ref --prompt 1 --threads 1
-    python benchmarks/bench_generate.py --quick              # tiny smoke run
+    python benchmarks/bench_generate.py        # issue 19's figures, < 4 min: ref shape, batch 1, 8, 32
+    python benchmarks/bench_generate.py --shape ref,124m --prompt 1,256 --methods recompute,cache-loop,generate,fast
+    python benchmarks/bench_generate.py --quick                  # tiny smoke run
 
-Shapes (batch 1, 256 new greedy tokens): ``ref`` = issue 9's reference model (6 layers, 6 heads, 384 wide, vocab
-50257 padded to 50304) with 512 positions so that a 256-token prompt + 256 new tokens fit; ``124m`` = GPT-2 124M
-(12 layers, 12 heads, 768 wide, 1024 positions). Methods, interleaved in a rotating order every round:
+Shapes (256 new greedy tokens): ``ref`` = the reference model (6 layers, 6 heads, 384 wide, vocab 50257 padded to
+50304, fp32) with 512 positions so that a 256-token prompt + 256 new tokens fit; ``124m`` = GPT-2 124M (12 layers,
+12 heads, 768 wide, 1024 positions). Methods, interleaved in a rotating order every round:
 
 * ``recompute``: nanoGPT's sampler: crop the sequence to the context, run it all through the model, keep the last
   position's logits (only that position goes through the LM head, as nanoGPT does), append the argmax.
 * ``cache-loop``: a minimal cached loop: the prompt once into a ``DynamicCache``, then one token per forward.
 * ``generate``: transformers' ``generate()`` on our model (greedy, cache): the loop above plus its per-token
   machinery (logits processors, stopping criteria, input preparation).
-* ``fast``: ``gpt2_accel.decode.Decoder``, what ``gpt2-accel sample`` runs: a static KV cache and the LM head
-  through a transposed copy of its weight (issue 19).
+* ``fast``: ``gpt2_accel.decode.Decoder``, what ``gpt2-accel sample`` runs (``--batch_size`` rows at once): a
+  static KV cache and the matrices through transposed copies of their weights (issue 19).
 
-The batch-1 floor (issue 19) is printed first: bytes of weights (each decoded token reads all of them once) over
-the memory read bandwidth measured in the same run (best of 7 sums over a 512 MB buffer); each batch-1 method's
-tokens/s is also given as a percentage of it. ``--batch 1,8,32`` decodes that many prompts together (tokens/s
-counts every row).
+The batch-1 floor is printed first: bytes of weights (each decoded token reads all of them once) over the memory
+read bandwidth measured in the same run (best of 7 sums over a 512 MB buffer); each batch-1 method's tokens/s is
+also given as a percentage of it. ``--batch 1,8,32`` decodes that many prompts together (tokens/s counts every
+row; above batch 1 the weights are read once per step for all rows, so the floor no longer bounds it).
 
-    python benchmarks/bench_generate.py --shape ref --prompt 1 --threads 2 --batch 1,8,32 --methods generate,fast
-
-All three must produce the same tokens; the script checks it. Reported: median wall time and process CPU time (all
-threads; steadier on a shared host) per method, and the median of per-round ratios recompute / method.
+Every method must produce the same tokens; the script checks it (exit status 1 otherwise). Reported: median wall
+time and process CPU time (all threads; steadier on a shared host) per method, and the median of per-round ratios
+against the first method given (``recompute`` when it runs). The load average is printed with every round: figures
+taken at a load above the thread count are those of a loaded machine.
 """
 
 from __future__ import annotations
@@ -161,18 +162,11 @@ def run_case(
         )
     ref = outs[methods[0]]
     same = all(torch.equal(o, ref) for o in outs.values())
+    base = methods[0]  # speed-ups are against the first method
     res = {}
     for m in methods:
-        sw = (
-            statistics.median(a / b for a, b in zip(wall["recompute"], wall[m], strict=True))
-            if "recompute" in wall
-            else float("nan")
-        )
-        sc = (
-            statistics.median(a / b for a, b in zip(cpu["recompute"], cpu[m], strict=True))
-            if "recompute" in cpu
-            else float("nan")
-        )
+        sw = statistics.median(a / b for a, b in zip(wall[base], wall[m], strict=True))
+        sc = statistics.median(a / b for a, b in zip(cpu[base], cpu[m], strict=True))
         res[m] = (statistics.median(wall[m]), statistics.median(cpu[m]), sw, sc)
     res["identical"] = same
     return res
@@ -180,23 +174,44 @@ def run_case(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="ref,124m", help="comma-separated: ref, 124m, tiny")
-    p.add_argument("--prompt", default="1,256", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--shape", default="ref", help="comma-separated: ref, 124m, tiny")
+    p.add_argument("--prompt", default="1", help="comma-separated prompt lengths in tokens")
     p.add_argument("--new", type=int, default=256, help="new tokens to generate")
     p.add_argument("--vocab", type=int, default=50257, help="vocab_size (padded to a multiple of 64)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to run")
     p.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+        "--threads",
+        default=str(torch.get_num_threads()),
+        help="comma-separated torch thread counts to run (default: torch's, all cores)",
     )
-    p.add_argument("--batch", default="1", help="comma-separated batch sizes (prompts decoded together)")
+    p.add_argument(
+        "--methods",
+        default="generate,fast",
+        help="comma-separated subset of " + ",".join(METHODS) + " (default generate,fast)",
+    )
+    p.add_argument(
+        "--batch",
+        default="1,8,32",
+        help="comma-separated batch sizes (prompts decoded together; default 1,8,32)",
+    )
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
-        a.shape, a.prompt, a.vocab, a.new, a.rounds, a.threads = "tiny", "1,16", 500, 32, 2, "1"
+        a.shape, a.prompt, a.vocab, a.new, a.rounds, a.threads, a.batch = (
+            "tiny",
+            "1,16",
+            500,
+            32,
+            2,
+            "1",
+            "1,4",
+        )
     methods = a.methods.split(",")
     ok = True
-    print(f"torch {torch.__version__}, load {os.getloadavg()[0]:.2f}; {a.new} new greedy tokens")
+    t_start = time.perf_counter()
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {a.new} new greedy tokens"
+    )
     for shape in a.shape.split(","):
         model = build(shape, a.vocab)
         for threads in (int(t) for t in a.threads.split(",")):
@@ -220,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
                         of_floor = f"  {100 * (a.new / w) * floor:5.1f}% of floor" if batch == 1 else ""
                         print(
                             f"  {m:<11}{tps:8.1f} tokens/s  wall {w:6.2f} s  cpu {c:6.2f} s  "
-                            f"speed-up vs recompute: wall {sw:5.1f}x  cpu {sc:5.1f}x{of_floor}"
+                            f"vs {methods[0]}: wall {sw:5.2f}x  cpu {sc:5.2f}x{of_floor}"
                         )
-    print(f"greedy tokens identical across methods: {ok}")
+    print(
+        f"greedy tokens identical across methods: {ok}; {time.perf_counter() - t_start:.0f} s, "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
     return 0 if ok else 1
 
 
