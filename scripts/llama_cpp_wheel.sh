@@ -32,6 +32,7 @@ llama_cpp_install() {
   have="$("$py" -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))' 2>/dev/null || true)"
   if [ "$have" = "$version" ] && "$py" -c "import llama_cpp" 2>/dev/null; then
     export GPT2_ACCEL_LLAMA_CPP_STATUS="llama-cpp-python $version installed"
+    echo "[setup] llama-cpp-python $version present"
     return 0
   fi
   read -r pytag plat < <("$py" -c 'import sys, sysconfig
@@ -43,10 +44,10 @@ print(f"cp{sys.version_info[0]}{sys.version_info[1]}", sysconfig.get_platform().
     echo "[setup] llama-cpp-python: $GPT2_ACCEL_LLAMA_CPP_STATUS; the llama.cpp tests will skip."
     return 0
   fi
-  wheel="$(ls "$dir"/llama_cpp_python-"$version"-"$pytag"-*-"$plat".whl 2>/dev/null | head -n 1 || true)"
+  wheel="$(ls "$dir"/llama_cpp_python-"$version"-*-"$plat".whl 2>/dev/null | head -n 1 || true)"
   if [ -z "$wheel" ]; then
     for seed in ${LLAMA_CPP_SEED:-}; do
-      found="$(ls "$seed"/llama_cpp_python-"$version"-"$pytag"-*-"$plat".whl 2>/dev/null | head -n 1 || true)"
+      found="$(ls "$seed"/llama_cpp_python-"$version"-*-"$plat".whl 2>/dev/null | head -n 1 || true)"
       if [ -n "$found" ]; then
         echo "[setup] llama-cpp-python: seeding the wheel cache $dir from $found"
         cp "$found" "$dir/.seed.tmp" && mv "$dir/.seed.tmp" "$dir/$(basename "$found")"

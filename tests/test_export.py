@@ -234,7 +234,9 @@ def _llama_cpp_run(path: Path, ids: list[int], n: int):
     tokens = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
     llm.reset()
     llm.eval(ids)
-    logits = torch.from_numpy(np.array(llm.scores[len(ids) - 1], dtype=np.float32))  # (V,): last prompt token
+    # The last prompt position's logits, through llama.cpp's C API (logits_all=False keeps no score rows)
+    last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    logits = torch.from_numpy(np.ctypeslib.as_array(last, shape=(llm.n_vocab(),)).copy())  # (V,)
     got = []
     for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
         got.append(tok)
@@ -250,17 +252,24 @@ def _hf_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def _check_llama_cpp(gguf_path: Path, hf_model, ids: list[int], outtype: str) -> None:
-    """llama.cpp's tokenizer splits PROMPT into ``ids`` (transformers'); f32/f16: its first 16 greedy tokens equal
-    transformers'; q8_0 (weights rounded to 8 bits): its next-token logits after the prompt are within 3% of the
-    logit range of transformers' and its first greedy token is transformers' (a longer greedy run of a random
-    model flips on near-ties, so it is not asserted)."""
+    """llama.cpp's tokenizer splits PROMPT into ``ids`` (transformers'); its next-token logits after the prompt are
+    within 0.1% (f32), 1% (f16), 8% (q8_0) of the span of transformers' logits; f32/f16: its first 16 greedy tokens
+    equal transformers'; q8_0 (weights rounded to 8 bits): its first greedy token does (a longer greedy run of a
+    random model flips on near-ties, so it is not asserted)."""
     want = _greedy(hf_model, ids, 16)
     assert len(set(want)) > 2, f"the test model is degenerate: {want}"
     tokens, logits, got = _llama_cpp_run(gguf_path, ids, 16)
     assert tokens == ids  # llama.cpp's BPE, read from the GGUF's vocabulary and merges
     ref = _hf_logits(hf_model, ids)
     span = (ref.max() - ref.min()).item()
-    tol = {"f32": 1e-4, "f16": 1e-2, "q8_0": 3e-2}[outtype]
+    # f32 differs by llama.cpp's f16 KV cache (measured <= 8e-4 of the span), f16 by its weight rounding too
+    # (5e-4); q8_0 rounds weights and (in llama.cpp's dot products) activations to 8 bits, which these tests' wide
+    # random weights (std 0.3) amplify: measured 1.0e-2 (gpt2), 5.4e-2 (llama), 2.3e-2 (qwen3). A wrong layout,
+    # rotation or norm gives errors of the order of the span itself.
+    tol = {"f32": 1e-3, "f16": 1e-2, "q8_0": 8e-2}[outtype]
+    print(
+        f"{gguf_path.name}: llama.cpp logits within {(logits - ref).abs().max().item() / span:.2e} of the span"
+    )
     torch.testing.assert_close(logits, ref, atol=tol * span, rtol=0)
     if outtype == "q8_0":
         assert got[0] == want[0]
