@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="1", help="comma-separated prompt lengths in tokens")
     p.add_argument("--new", type=int, default=256, help="new tokens to generate")
     p.add_argument("--vocab", type=int, default=50257, help="vocab_size (padded to a multiple of 64)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per case (default 2)")
     p.add_argument(
         "--threads",
         default=str(torch.get_num_threads()),

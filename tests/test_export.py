@@ -4,6 +4,7 @@ that loads it, on a run directory the trainer writes. Bad input fails before any
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -292,19 +293,16 @@ ROTARY = dict(position_embedding_type="rope", norm_type="rmsnorm", mlp_type="swi
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 # name -> (our options, llama.cpp architecture). Prompt + 16 new tokens reach position ~24, past YaRN's 16.
 ROTARY_RUNS = {
-    "llama": (
-        dict(
-            ROTARY,
-            n_kv_head=2,
-            rope_scaling=YARN,
-            attention_bias=True,
-            mlp_bias=True,
-            tie_word_embeddings=False,
-        ),
+    "llama": (  # GQA, YaRN with its default attention temperature, every bias, untied head
+        dict(ROTARY, n_kv_head=2, rope_scaling=YARN, attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
         "llama",
     ),
-    "qwen3": (dict(ROTARY, n_kv_head=1, qk_norm=True, rope_theta=50000.0), "qwen3"),
-}
+    "llama_mha_attention_factor": (  # MHA, tied head, YaRN with an explicit attention_factor
+        dict(ROTARY, rope_scaling=dict(YARN, factor=2.0, attention_factor=1.5)),
+        "llama",
+    ),
+    "qwen3": (dict(ROTARY, n_kv_head=1, qk_norm=True, rope_theta=50000.0), "qwen3"),  # MQA, qk-norm
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -360,11 +358,21 @@ def test_gguf_of_llama_and_qwen3_models_holds_their_weights_and_hyperparameters(
     }  # fmt: skip
     assert {k: field[f"{arch}.{k}"] for k in expect} == expect
     assert field[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(c.rms_norm_eps)
-    if name == "llama":
-        assert field["llama.rope.scaling.type"] == "yarn" and field["llama.rope.scaling.factor"] == 4.0
+    options = ROTARY_RUNS[name][0]
+    yarn = options.get("rope_scaling")
+    if yarn:
+        assert (
+            field["llama.rope.scaling.type"] == "yarn"
+            and field["llama.rope.scaling.factor"] == yarn["factor"]
+        )
         assert field["llama.rope.scaling.original_context_length"] == 16
+        if "attention_factor" in yarn:  # llama.cpp multiplies its own 0.1 ln(factor) + 1 by this
+            want_attn = yarn["attention_factor"] / (0.1 * math.log(yarn["factor"]) + 1)
+            assert field["llama.rope.scaling.attn_factor"] == pytest.approx(want_attn)
+        else:
+            assert "llama.rope.scaling.attn_factor" not in field
     else:
-        assert "qwen3.rope.scaling.type" not in field
+        assert f"{arch}.rope.scaling.type" not in field
     assert field["tokenizer.ggml.model"] == "gpt2" and field["tokenizer.ggml.pre"] == "gpt-2"
     assert len(field["tokenizer.ggml.tokens"]) == 50257 and len(field["tokenizer.ggml.merges"]) == 50000
 
@@ -384,19 +392,14 @@ def test_gguf_of_llama_and_qwen3_models_holds_their_weights_and_hyperparameters(
         "ffn_up",
         "ffn_down",
     ]
-    per_layer += {
-        "llama": [
-            "attn_q.bias",
-            "attn_k.bias",
-            "attn_v.bias",
-            "attn_output.bias",
-            "ffn_gate.bias",
-            "ffn_up.bias",
-            "ffn_down.bias",
-        ],
-        "qwen3": ["attn_q_norm", "attn_k_norm"],
-    }[name]
-    names = {"token_embd.weight", "output_norm.weight"} | ({"output.weight"} if name == "llama" else set())
+    if options.get("attention_bias"):
+        per_layer += ["attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"]
+    if options.get("mlp_bias"):
+        per_layer += ["ffn_gate.bias", "ffn_up.bias", "ffn_down.bias"]
+    if arch == "qwen3":
+        per_layer += ["attn_q_norm", "attn_k_norm"]
+    untied = options.get("tie_word_embeddings") is False
+    names = {"token_embd.weight", "output_norm.weight"} | ({"output.weight"} if untied else set())
     names |= {
         f"blk.{i}.{n}" + ("" if n.endswith(".bias") else ".weight") for i in range(2) for n in per_layer
     }
@@ -423,13 +426,13 @@ def test_gguf_of_llama_and_qwen3_models_holds_their_weights_and_hyperparameters(
         return torch.einsum("thd,shd->hts", q, k.repeat_interleave(nh // nkv, dim=1))
 
     q, k = heads(att.q_proj.weight, att.q_proj.bias, nh), heads(att.k_proj.weight, att.k_proj.bias, nkv)
-    if name == "qwen3":  # per-head RMSNorm before the rotation, in both graphs
+    if arch == "qwen3":  # per-head RMSNorm before the rotation, in both graphs
         q, k = att.q_norm(q), att.k_norm(k)
     qh, kh = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
     want = scores(qh[0].transpose(0, 1), kh[0].transpose(0, 1))
     gq, gk = got["blk.1.attn_q.weight"], got["blk.1.attn_k.weight"]
     q2, k2 = heads(gq, got.get("blk.1.attn_q.bias"), nh), heads(gk, got.get("blk.1.attn_k.bias"), nkv)
-    if name == "qwen3":  # llama.cpp's qwen3 graph rotates halves as transformers does (NEOX rope)
+    if arch == "qwen3":  # llama.cpp's qwen3 graph rotates halves as transformers does (NEOX rope)
         q2, k2 = att.q_norm(q2), att.k_norm(k2)
         assert torch.equal(gq, att.q_proj.weight)
         q2, k2 = (
@@ -484,7 +487,9 @@ def test_llama_cpp_runs_llama_and_qwen3_exports_as_transformers_does(rotary_runs
     hf = AutoModelForCausalLM.from_pretrained(
         hf_dir
     ).eval()  # transformers' own LlamaForCausalLM / Qwen3ForCausalLM
-    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[name]
+    assert (
+        type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[ROTARY_RUNS[name][1]]
+    )
     _check_llama_cpp(out, hf, _prompt_ids(run), outtype)
 
 
