@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .configuration_gpt2_accel import YARN_KEYS, GPT2AccelConfig
+from .locate import OPENAI_GPT2_SIZES
 from .modeling_gpt2_accel import GPT2AccelForCausalLM
 
 # Weights stored as transformers Conv1D (in, out) in GPT2LMHeadModel, nn.Linear (out, in) in ours.
@@ -40,7 +41,6 @@ _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight
 _SHAPE_KEYS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "bias")
 # GPT-2's activation is GELU with the tanh approximation; transformers has three names for it.
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-_HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def _hub_offline() -> bool:
@@ -82,7 +82,7 @@ def _load_hf_gpt2(source: str | os.PathLike):
         )
         raise OSError(
             f"cannot load GPT-2 {str(source)!r}: it is not a local directory and {why}. Converting a Hub model "
-            f"(e.g. {', '.join(_HUB_MODELS)}) needs the Hugging Face Hub or its files in the local cache; without "
+            f"(e.g. {', '.join(OPENAI_GPT2_SIZES)}) needs the Hugging Face Hub or its files in the local cache; without "
             "network, download it elsewhere (`hf download gpt2 --local-dir gpt2`) and pass that directory"
         ) from e
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_write_bytes, atomic_write_text
 from .recipe import DataArguments
 from .tokenization import Tokenizer, get_tokenizer
 
@@ -1065,17 +1066,11 @@ def write_shard(path: str, tokens: np.ndarray) -> None:
     """Write uint16 tokens with llm.c's 256-int32 header (magic, version 1, count), atomically."""
     header = np.zeros(LLMC_HEADER_INTS, dtype="<i4")
     header[:3] = (LLMC_MAGIC, 1, len(tokens))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
 
 
 def _write_index(out: Path, index: dict) -> None:
-    tmp = out / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out / INDEX_FILE)
+    atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=1))
 
 
 def prepare(

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_output
+
 EMA_DIR = "ema"
 STATE_FILE = "ema_state.safetensors"
 _SNAP_RE = re.compile(r"^step_(\d{8})\.safetensors$")
@@ -139,13 +141,10 @@ class PowerEMA:
         """Write the EMAs at ``step`` to ``path`` atomically (a snapshot, or a checkpoint's state)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         meta = {"step": json.dumps(step), "gammas": json.dumps(self.gammas),
                 "sigma_rels": json.dumps(self.sigma_rels)}  # fmt: skip
-        save_file(self.tensors(), str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            save_file(self.tensors(), str(tmp), metadata=meta)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore the EMAs a checkpoint saved (refuses another set of sigma_rels)."""

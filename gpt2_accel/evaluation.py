@@ -23,8 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .locate import OPENAI_GPT2, find_model_dir
+
 # The OpenAI GPT-2 checkpoints: their tokenizer is GPT-2's BPE, which we build offline from the bundled files.
-OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 _HELLASWAG_FIELDS = ("ctx", "endings", "label")
 
@@ -374,17 +375,6 @@ def score_hellaswag(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _find_model_dir(path: Path) -> Path:
-    if (path / "config.json").is_file():
-        return path
-    candidates = sorted(p.parent for p in path.glob("*/config.json"))
-    hint = f" Sub-directories with a model: {[str(c) for c in candidates]}." if candidates else ""
-    raise FileNotFoundError(
-        f"{str(path)!r} has no config.json, so it is not a saved model.{hint} Pass the directory that holds "
-        "config.json and the weights (a run's final model or a checkpoint's model)"
-    )
-
-
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """Any causal LM: our run/model directories, transformers checkpoints (vanilla GPT-2 included), Hub ids.
 
@@ -397,7 +387,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_r
 
     path = Path(name_or_path)
     if path.exists():
-        name_or_path = str(_find_model_dir(path))
+        name_or_path = str(find_model_dir(path))
     elif name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model directory {name_or_path!r} does not exist; check --model / init_from")
     try:
@@ -424,11 +414,11 @@ def default_tokenizer_name(model_name: str) -> str:
     BPE for OpenAI's checkpoints, else the Hub id itself."""
     path = Path(model_name)
     if path.is_dir():
-        model_dir = _find_model_dir(path)
+        model_dir = find_model_dir(path)
         if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
             return str(model_dir)
         return "gpt2"
-    if model_name.removeprefix("openai-community/") in OPENAI_GPT2:
+    if model_name in OPENAI_GPT2:
         return "gpt2"
     return model_name
 
@@ -528,7 +518,7 @@ def save_results(output: str | Path, result: dict) -> Path:
     from datetime import datetime
 
     from . import __version__
-    from .checkpoint import write_json
+    from .atomic import write_json
 
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .atomic import atomic_output
 
 # Format -> the weight types it can be written in (first = default).
 OUTTYPES: dict[str, tuple[str, ...]] = {
@@ -105,28 +106,11 @@ def _atomic_target(output: Path, overwrite: bool, write: Callable[[Path], None],
     On any failure the temporary path is removed and ``output`` is untouched (an existing one too).
     """
     output = output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
-    target = tmp if is_dir else tmp / output.name
     try:
-        write(target)
-        if output.exists() or output.is_symlink():
-            if not overwrite:  # appeared while we worked
-                raise ExportError(f"{output} appeared during the export; pass --overwrite to replace it")
-            old = output.parent / f".{output.name}.old"
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-            os.replace(output, old)
-            os.replace(target, output)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(target, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_output(output, is_dir=is_dir, overwrite=overwrite) as target:
+            write(target)
+    except FileExistsError as e:  # appeared while we worked
+        raise ExportError(f"{e}; pass --overwrite to replace it") from None
     return output
 
 

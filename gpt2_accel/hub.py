@@ -34,7 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
+from .locate import find_model_dir
 from .recipe import SECRET_KEYS  # never uploaded
 
 logger = logging.getLogger(__name__)
@@ -60,22 +62,10 @@ class HubPushError(RuntimeError):
 def model_dir_of(run_dir: str | os.PathLike) -> Path:
     """The directory holding the model to push: the run root once training wrote the final model, else the
     newest committed checkpoint's ``model/`` (pushes during training, hub_strategy 'every_save')."""
-    run_dir = Path(run_dir)
-    if _has_model(run_dir):
-        return run_dir
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and _has_model(ckpt / "model"):
-        return ckpt / "model"
-    raise HubPushError(
-        f"{run_dir} holds no model to push: no config.json at its root and no committed checkpoint "
-        "(checkpoints/step_*/model with a COMPLETE marker). Push a run directory written by `gpt2-accel train`, "
-        "or a directory written by save_pretrained"
-    )
-
-
-def _has_model(directory: Path) -> bool:
-    """A full model (config.json) or a LoRA adapter (adapter_config.json, PEFT's format: see lora.py)."""
-    return (directory / "config.json").is_file() or (directory / "adapter_config.json").is_file()
+    try:
+        return find_model_dir(run_dir, adapters=True, what="model to push")
+    except FileNotFoundError as e:
+        raise HubPushError(str(e)) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -441,19 +431,8 @@ def write_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> 
     Written atomically (temp file + rename) so a reader never sees half a card.
     """
     path = Path(run_dir) / "README.md"
-    _atomic_write(path, render_model_card(run_dir, repo_id))
+    atomic_write_text(path, render_model_card(run_dir, repo_id))
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------

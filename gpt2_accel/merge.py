@@ -7,8 +7,6 @@ tokenizer): ``gpt2-accel sample``, ``gpt2-accel eval`` and ``gpt2-accel convert 
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -36,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if output.exists() and any(output.iterdir()):
         parser.exit(2, f"gpt2-accel merge: error: {output} exists and is not empty; pick a new --output\n")
 
+    from .atomic import atomic_output
     from .convert import _save_tokenizer
     from .lora import merge_adapter
 
@@ -43,17 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         model = merge_adapter(args.adapter_dir, args.base)
     except (OSError, ValueError) as e:
         parser.exit(2, f"gpt2-accel merge: error: {e}\n")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:  # written whole, then renamed: an interrupted merge leaves no half directory behind
+    # written whole, then renamed: an interrupted merge leaves no half directory behind (an empty one is replaced)
+    with atomic_output(output, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok = _save_tokenizer(args.adapter_dir, tmp, model.config.vocab_size)
-        if output.exists():
-            output.rmdir()
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = sum(p.numel() for p in model.parameters())
     print(f"merged {args.adapter_dir} into its base: {n / 1e6:.2f}M parameters and {tok} written to {output}")
     return 0

@@ -21,19 +21,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 def resolve_model_path(model: str) -> str:
     """A run directory without a final model resolves to its newest committed checkpoint's ``model/``."""
-    path = Path(model)
-    if path.is_dir() and not (path / "config.json").is_file():
-        from .checkpoint import latest_checkpoint
+    from .locate import find_model_dir
 
-        ckpt = latest_checkpoint(path)
-        if ckpt is not None and (ckpt / "model" / "config.json").is_file():
-            logger.info("no final model in %s yet: sampling from checkpoint %s", path, ckpt.name)
-            return str(ckpt / "model")
-        raise FileNotFoundError(
-            f"{path} holds no model: no config.json and no committed checkpoint (checkpoints/step_*/model). "
-            "Pass a run directory after training, a save_pretrained directory, or a Hub id"
-        )
-    return model
+    return str(find_model_dir(model)) if Path(model).is_dir() else model  # else a Hub id
 
 
 def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: torch.dtype | None = None):
