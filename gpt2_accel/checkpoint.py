@@ -511,3 +511,49 @@ def check_state_shapes(state_dir: str | os.PathLike, expected: dict[str, tuple[i
             f"{path} holds a model of another shape ({'; '.join(wrong[:3])}). Resume it with its own recipe (see the "
             "checkpoint's recipe.yaml) or use another output_dir"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# listing (`gpt2-accel checkpoints`)
+# ---------------------------------------------------------------------------------------------------------------
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _val_loss(path: Path, step: int) -> float | None:
+    """The validation loss measured at this checkpoint's step, if the run evaluated there."""
+    try:
+        last = read_json(path / "trainer_state.json").get("last_eval") or {}
+    except (OSError, ValueError):
+        return None
+    return last.get("val_loss") if last.get("step") == step else None
+
+
+def list_checkpoints(run_dir: str | Path, *, hashes: bool = True) -> list[dict[str, Any]]:
+    """One row per checkpoint directory (committed, damaged and renamed, or never completed), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    rows = []
+    committed = complete_checkpoints(run_dir)
+    resume = None
+    for step, path in committed:
+        v = verify(path, hashes=hashes)
+        rows.append({"step": step, "path": str(path), "val_loss": _val_loss(path, step), "size": _size(path),
+                     "ok": v.ok, "status": v.status})  # fmt: skip
+        if v.ok:
+            resume = len(rows) - 1
+    if resume is not None:
+        rows[resume]["resume"] = True
+    names = {p.name for _, p in committed}
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if p.name in names or not p.is_dir():
+            continue
+        if CORRUPT in p.name:
+            status = "damaged, renamed aside by a resume (kept for inspection; delete when done)"
+        elif p.name.startswith(".tmp-"):
+            status = "incomplete save (no COMPLETE marker; removed by the next save)"
+        else:
+            status = "no COMPLETE marker: never resumed from"
+        digits = "".join(c for c in p.name.split(".")[0 if not p.name.startswith(".") else 1] if c.isdigit())
+        rows.append({"step": int(digits) if digits else None, "path": str(p), "val_loss": None, "size": _size(p),
+                     "ok": None, "status": status})  # fmt: skip
+    return rows

@@ -25,7 +25,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -619,60 +618,16 @@ def _load_ours(source: str) -> GPT2AccelForCausalLM:
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``gpt2-accel convert``: import a standard model (``--from-hf``) or export to one (``--to-hf``)."""
-    parser = argparse.ArgumentParser(
-        prog="gpt2-accel convert",
-        description="Convert between gpt2_accel checkpoints and the transformers class that computes the same "
-        "function: GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM or NanoChatForCausalLM.",
-    )
-    direction = parser.add_mutually_exclusive_group(required=True)
-    direction.add_argument(
-        "--from-hf",
-        metavar="SRC",
-        help="GPT-2 directory or Hub id (gpt2, gpt2-xl...), or a Llama / Qwen3 / NanoChat directory",
-    )
-    direction.add_argument("--to-hf", metavar="SRC", help="gpt2_accel model directory or Hub id")
-    parser.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to write")
-    parser.add_argument("--attn-type", help="--from-hf only: attention variant of the new model (default SM)")
-    parser.add_argument("--dropout", type=float, help="--from-hf only: dropout of the new model")
-    parser.add_argument(
-        "--pad-vocab-size-multiple",
-        type=int,
-        help="--from-hf only: pad the embedding rows (64 -> 50304 for GPT-2)",
-    )
-    from .cli import accept_both_spellings
+def __getattr__(name: str):
+    # `from gpt2_accel.convert import main` keeps working: the command moved to gpt2_accel/cli/convert.py (issue 14).
+    if name == "main":
+        from .cli.convert import main
 
-    accept_both_spellings(parser)
-    args = parser.parse_args(argv)
-
-    output = Path(args.output)
-    try:
-        if args.from_hf:
-            overrides = {
-                k: v
-                for k, v in dict(
-                    attn_type=args.attn_type,
-                    dropout=args.dropout,
-                    pad_vocab_size_multiple=args.pad_vocab_size_multiple,
-                ).items()
-                if v is not None
-            }
-            source = args.from_hf
-            model = from_hf(source, **overrides)
-        else:
-            if args.attn_type or args.dropout is not None or args.pad_vocab_size_multiple:
-                parser.error("--attn-type/--dropout/--pad-vocab-size-multiple apply to --from-hf only")
-            source = args.to_hf
-            model = to_hf(_load_ours(source))
-        model.save_pretrained(output)
-        tok = _save_tokenizer(source, output, model.config.vocab_size)
-    except (OSError, ValueError, TypeError) as e:
-        parser.exit(2, f"gpt2-accel convert: error: {e}\n")
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {type(model).__name__} ({n / 1e6:.1f}M parameters) and {tok} to {output}")
-    return 0
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m gpt2_accel.convert`, as before
+    from .cli.convert import main
+
     raise SystemExit(main())

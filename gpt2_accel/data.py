@@ -19,7 +19,6 @@ See docs/data.md for the user-facing description.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import glob as globlib
@@ -1198,47 +1197,16 @@ def prepare(
     return index
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`gpt2-accel prepare DATASET... --output DIR`: pre-tokenize into uint16 shards."""
-    p = argparse.ArgumentParser(
-        prog="gpt2-accel prepare",
-        description="Stream and tokenize datasets into uint16 token shards (llm.c format) + index.json. "
-        "Re-running the same command resumes an interrupted run (completed shards are kept).",
-    )
-    p.add_argument(
-        "datasets", nargs="+", help="Hub ids, local files/globs or bundled:shakespeare (concatenated)"
-    )
-    p.add_argument("--output", required=True, help="output directory")
-    p.add_argument(
-        "--tokenizer", default="gpt2", help="'gpt2' (bundled), 'char', or a Hub id / tokenizer dir"
-    )
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--config", default=None, help="Hub dataset configuration, e.g. sample-10BT")
-    p.add_argument("--split", default="train")
-    p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: all cores)")
-    p.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard (llm.c uses 1e8)")
-    p.add_argument("--validation-split-percentage", type=float, default=5.0,
-                   help="percent of documents held out (same hash rule as training) into val_*.bin")  # fmt: skip
-    from .cli import accept_both_spellings
+def __getattr__(name: str):
+    # `from gpt2_accel.data import main` keeps working: the command moved to gpt2_accel/cli/prepare.py (issue 14).
+    if name == "main":
+        from .cli.prepare import main
 
-    accept_both_spellings(p)
-    args = p.parse_args(argv)
-    index = prepare(
-        args.datasets,
-        args.output,
-        tokenizer_name=args.tokenizer,
-        text_column=args.text_column,
-        config=args.config,
-        split=args.split,
-        num_proc=args.num_proc,
-        shard_size=args.shard_size,
-        validation_split_percentage=args.validation_split_percentage,
-    )
-    sp = index["splits"]
-    print(f"wrote {args.output}: {sp['train']['tokens']:,} train tokens in {len(sp['train']['shards'])} shard(s), "
-          f"{sp['validation']['tokens']:,} validation tokens")  # fmt: skip
-    return 0
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m gpt2_accel.data`, as before
+    from .cli.prepare import main
+
     raise SystemExit(main())

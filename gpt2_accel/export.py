@@ -24,7 +24,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -424,33 +423,16 @@ def export(
     return _atomic_target(output, overwrite, gguf_file, is_dir=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``gpt2-accel export RUN --format {hf,gguf,onnx} --output PATH [--outtype ...] [--overwrite]``."""
-    p = argparse.ArgumentParser(
-        prog="gpt2-accel export",
-        description="Export a gpt2_accel model to transformers (GPT2LMHeadModel), GGUF (llama.cpp) or ONNX.",
-    )
-    p.add_argument("model", help="run directory, save_pretrained directory, checkpoint or Hub id")
-    p.add_argument("--format", required=True, choices=list(OUTTYPES), help="target runtime format")
-    p.add_argument("--output", "-o", required=True, help="directory (hf, onnx) or file (gguf) to write")
-    p.add_argument(
-        "--outtype",
-        help="weight type: "
-        + "; ".join(f"{f}: {', '.join(t)} (default {t[0]})" for f, t in OUTTYPES.items()),
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    from .cli import accept_both_spellings
+def __getattr__(name: str):
+    # `from gpt2_accel.export import main` keeps working: the command moved to gpt2_accel/cli/export.py (issue 14).
+    if name == "main":
+        from .cli.export import main
 
-    accept_both_spellings(p)
-    args = p.parse_args(argv)
-    try:
-        out = export(args.model, args.format, args.output, outtype=args.outtype, overwrite=args.overwrite)
-    except (OSError, ValueError, TypeError) as e:
-        p.exit(2, f"gpt2-accel export: error: {e}\n")
-    what = {"hf": "transformers GPT2LMHeadModel directory", "gguf": "GGUF file", "onnx": "ONNX directory"}
-    print(f"wrote {what[args.format]} ({args.outtype or OUTTYPES[args.format][0]}) to {out}")
-    return 0
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m gpt2_accel.export`, as before
+    from .cli.export import main
+
     raise SystemExit(main())

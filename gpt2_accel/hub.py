@@ -20,14 +20,12 @@ safe to call from a background thread: each call has its own ``HfApi`` client an
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
 import shutil
 import struct
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -619,61 +617,16 @@ def push_run(
     return url
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``gpt2-accel push RUN_DIR --repo-id ID [--private] [--token T] [--include-checkpoints]``."""
-    p = argparse.ArgumentParser(
-        prog="gpt2-accel push",
-        description="Push a run directory (model, tokenizer, code, model card, loss curve) to the Hugging Face Hub.",
-    )
-    p.add_argument(
-        "run_dir", help="run directory written by `gpt2-accel train` (or any save_pretrained directory)"
-    )
-    p.add_argument(
-        "--repo-id", "--repo_id", required=True, help="Hub repo 'namespace/name' (created if missing)"
-    )
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument(
-        "--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth login`)"
-    )
-    p.add_argument(
-        "--include-checkpoints",
-        "--include_checkpoints",
-        action="store_true",
-        help="also upload the newest resumable checkpoint under checkpoints/",
-    )
-    p.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
-    p.add_argument("--commit-message", "--commit_message", default="Upload model trained with gpt2_accel")
-    p.add_argument(
-        "--card-only",
-        "--card_only",
-        action="store_true",
-        help="only write RUN_DIR/README.md (the model card) and print its path; push nothing",
-    )
-    from .cli import accept_both_spellings
+def __getattr__(name: str):
+    # `from gpt2_accel.hub import main` keeps working: the command moved to gpt2_accel/cli/push.py (issue 14).
+    if name == "main":
+        from .cli.push import main
 
-    accept_both_spellings(p)
-    args = p.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.card_only:
-            print(write_model_card(args.run_dir, args.repo_id))
-            return 0
-        url = push_run(
-            args.run_dir,
-            args.repo_id,
-            token=args.token,
-            private=args.private,
-            commit_message=args.commit_message,
-            include_checkpoints=args.include_checkpoints,
-            revision=args.revision,
-        )
-    except HubPushError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(url)
-    return 0
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m gpt2_accel.hub`, as before
+    from .cli.push import main
+
+    raise SystemExit(main())

@@ -6,14 +6,15 @@ tokenizer): ``gpt2-accel sample``, ``gpt2-accel eval`` and ``gpt2-accel convert 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from .common import command_parser, fail, parse
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gpt2-accel merge",
-        description="Merge a LoRA adapter (a use_peft run directory or a checkpoint's model/) into its base model.",
+    parser = command_parser(
+        "merge",
+        "Merge a LoRA adapter (a use_peft run directory or a checkpoint's model/) into its base model.",
     )
     parser.add_argument(
         "adapter_dir", help="directory holding adapter_config.json + adapter_model.safetensors"
@@ -26,22 +27,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="base model (OpenAI name, model directory, Hub id); default: base_model_name_or_path of the adapter",
     )
-    from .cli import accept_both_spellings
-
-    accept_both_spellings(parser)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
-        parser.exit(2, f"gpt2-accel merge: error: {output} exists and is not empty; pick a new --output\n")
+        fail(parser, f"{output} exists and is not empty; pick a new --output")
 
-    from .atomic import atomic_output
-    from .convert import _save_tokenizer
-    from .lora import merge_adapter
+    from ..atomic import atomic_output
+    from ..convert import _save_tokenizer
+    from ..lora import merge_adapter
 
     try:
         model = merge_adapter(args.adapter_dir, args.base)
     except (OSError, ValueError) as e:
-        parser.exit(2, f"gpt2-accel merge: error: {e}\n")
+        fail(parser, e)
     # written whole, then renamed: an interrupted merge leaves no half directory behind (an empty one is replaced)
     with atomic_output(output, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
