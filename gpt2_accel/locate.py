@@ -44,3 +44,9 @@ def find_model_dir(path: str | os.PathLike, *, adapters: bool = False, what: str
         f"with a COMPLETE marker).{hint} Pass a run directory written by `gpt2-accel train`, a checkpoint's model/ "
         "or a directory written by save_pretrained"
     )
+
+
+def resolve_model(name_or_path: str) -> str:
+    """What to hand ``from_pretrained``: for a local directory, the directory holding its model
+    (:func:`find_model_dir`); anything else (a Hub id, an OpenAI name) unchanged."""
+    return str(find_model_dir(name_or_path)) if Path(name_or_path).is_dir() else name_or_path

@@ -130,8 +130,8 @@ def check_world(req: LaunchRequest, num_processes: int, distributed_type: str) -
     want = {"deepspeed": ("DEEPSPEED",), "fsdp": ("FSDP",)}.get(req.mode or "")
     if want is not None and dist not in want:
         hint = (
-            "Accelerate's FSDP needs GPUs; on CPU test with accelerate_configs/cpu.yaml (DDP) or "
-            "gpt2_accel.parallel.apply_fsdp under torch.distributed"
+            "Accelerate's FSDP needs GPUs; on CPU test with accelerate_configs/cpu.yaml (DDP), or torch's "
+            "fully_shard under torch.distributed without Accelerate (as tests/fsdp2.py does)"
             if req.mode == "fsdp"
             else "install deepspeed (pip install 'gpt2_accel[deepspeed]') and launch with a deepspeed_zero*.yaml"
         )

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import torch
 
+from .locate import resolve_model
+
 logger = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
-def resolve_model_path(model: str) -> str:
-    """A run directory without a final model resolves to its newest committed checkpoint's ``model/``."""
-    from .locate import find_model_dir
-
-    return str(find_model_dir(model)) if Path(model).is_dir() else model  # else a Hub id
+# A run directory without a final model resolves to its newest committed checkpoint's ``model/`` (locate.py).
+resolve_model_path = resolve_model
 
 
 def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: torch.dtype | None = None):

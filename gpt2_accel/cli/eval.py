@@ -102,10 +102,10 @@ def _print_table(result: dict, keys: list[str]) -> None:
 def _lm_eval(args: argparse.Namespace, model_name: str) -> int:
     """The ``lm_eval:`` branch of ``gpt2-accel eval`` (args from its parser)."""
     from ..harness import parse_tasks, run_lm_eval
-    from ..sample import resolve_model_path
+    from ..locate import resolve_model
 
     tasks = parse_tasks(args.task)
-    path = resolve_model_path(model_name)
+    path = resolve_model(model_name)
     # The harness logs every request batch and task build at INFO; the console keeps progress and results.
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.WARNING)
