@@ -295,16 +295,7 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def __getattr__(name: str):
-    # `from gpt2_accel.bench import main` keeps working: the command moved to gpt2_accel/cli/bench.py (issue 14).
-    if name == "main":
-        from .cli.bench import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # `python -m gpt2_accel.bench`, as before
+if __name__ == "__main__":  # `python -m gpt2_accel.bench` runs the command, which lives in gpt2_accel/cli/
     from .cli.bench import main
 
     raise SystemExit(main())

@@ -299,16 +299,7 @@ def export(
     return report
 
 
-def __getattr__(name: str):
-    # `from gpt2_accel.ema import main` keeps working: the command moved to gpt2_accel/cli/ema.py (issue 14).
-    if name == "main":
-        from .cli.ema import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # `python -m gpt2_accel.ema`, as before
+if __name__ == "__main__":  # `python -m gpt2_accel.ema` runs the command, which lives in gpt2_accel/cli/
     from .cli.ema import main
 
     raise SystemExit(main())

@@ -463,16 +463,9 @@ def save_results(output: str | Path, result: dict) -> Path:
     return out
 
 
-def __getattr__(name: str):
-    # `from gpt2_accel.evaluation import main` keeps working: the command moved to gpt2_accel/cli/eval.py (issue 14).
-    if name == "main":
-        from .cli.eval import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # `python -m gpt2_accel.evaluation`, as before
+if (
+    __name__ == "__main__"
+):  # `python -m gpt2_accel.evaluation` runs the command, which lives in gpt2_accel/cli/
     from .cli.eval import main
 
     raise SystemExit(main())

@@ -423,16 +423,7 @@ def export(
     return _atomic_target(output, overwrite, gguf_file, is_dir=False)
 
 
-def __getattr__(name: str):
-    # `from gpt2_accel.export import main` keeps working: the command moved to gpt2_accel/cli/export.py (issue 14).
-    if name == "main":
-        from .cli.export import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # `python -m gpt2_accel.export`, as before
+if __name__ == "__main__":  # `python -m gpt2_accel.export` runs the command, which lives in gpt2_accel/cli/
     from .cli.export import main
 
     raise SystemExit(main())

@@ -617,16 +617,7 @@ def push_run(
     return url
 
 
-def __getattr__(name: str):
-    # `from gpt2_accel.hub import main` keeps working: the command moved to gpt2_accel/cli/push.py (issue 14).
-    if name == "main":
-        from .cli.push import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # `python -m gpt2_accel.hub`, as before
+if __name__ == "__main__":  # `python -m gpt2_accel.hub` runs the command, which lives in gpt2_accel/cli/
     from .cli.push import main
 
     raise SystemExit(main())

@@ -160,16 +160,7 @@ def generate_samples(
     return texts
 
 
-def __getattr__(name: str):
-    # `from gpt2_accel.sample import main` keeps working: the command moved to gpt2_accel/cli/sample.py (issue 14).
-    if name == "main":
-        from .cli.sample import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # `python -m gpt2_accel.sample`, as before
+if __name__ == "__main__":  # `python -m gpt2_accel.sample` runs the command, which lives in gpt2_accel/cli/
     from .cli.sample import main
 
     raise SystemExit(main())

@@ -13,7 +13,8 @@ from conftest import ids, jitter, tiny_hf_gpt2, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 from gpt2_accel import GPT2AccelForCausalLM
-from gpt2_accel.convert import from_hf_gpt2, main, to_hf_gpt2
+from gpt2_accel.cli.convert import main
+from gpt2_accel.convert import from_hf_gpt2, to_hf_gpt2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,7 +193,7 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys):
 def test_hub_id_offline_fails_with_a_clear_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty_hf_home"), PYTHONPATH=REPO)
-    code = f"from gpt2_accel.convert import main; main(['--from-hf', 'gpt2', '--output', {str(tmp_path / 'o')!r}])"
+    code = f"from gpt2_accel.cli.convert import main; main(['--from-hf', 'gpt2', '--output', {str(tmp_path / 'o')!r}])"
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )

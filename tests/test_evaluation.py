@@ -16,11 +16,11 @@ import torch
 from conftest import free_port, tiny_hf_gpt2, tiny_model
 
 from gpt2_accel import GPT2AccelConfig, GPT2AccelForCausalLM
+from gpt2_accel.cli.eval import main
 from gpt2_accel.evaluation import (
     default_tokenizer_name,
     evaluate_loss,
     load_hellaswag,
-    main,
     render_hellaswag,
     score_hellaswag,
 )

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import ids, jitter, run_without_package, tiny_model
 
-from gpt2_accel.convert import export_class, from_hf, main, to_hf
+from gpt2_accel.cli.convert import main
+from gpt2_accel.convert import export_class, from_hf, to_hf
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "truncate": False}
 ROTARY = dict(position_embedding_type="rope", norm_type="rmsnorm", bias=False)

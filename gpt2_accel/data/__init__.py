@@ -61,12 +61,3 @@ __all__ = [
     "resolve_source",
     "write_shard",
 ]
-
-
-def __getattr__(name: str):
-    # `gpt2_accel.data.main` keeps working: the `prepare` command moved to gpt2_accel/cli/prepare.py (issue 14).
-    if name == "main":
-        from ..cli.prepare import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
