@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text, write_json  # noqa: F401  (ckpt.write_json: used by the trainer)
+from .atomic import fsync_dir as _fsync_dir
+
 logger = logging.getLogger("gpt2_accel")
 
 CHECKPOINTS = "checkpoints"
@@ -42,33 +45,6 @@ _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -535,3 +511,49 @@ def check_state_shapes(state_dir: str | os.PathLike, expected: dict[str, tuple[i
             f"{path} holds a model of another shape ({'; '.join(wrong[:3])}). Resume it with its own recipe (see the "
             "checkpoint's recipe.yaml) or use another output_dir"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# listing (`gpt2-accel checkpoints`)
+# ---------------------------------------------------------------------------------------------------------------
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _val_loss(path: Path, step: int) -> float | None:
+    """The validation loss measured at this checkpoint's step, if the run evaluated there."""
+    try:
+        last = read_json(path / "trainer_state.json").get("last_eval") or {}
+    except (OSError, ValueError):
+        return None
+    return last.get("val_loss") if last.get("step") == step else None
+
+
+def list_checkpoints(run_dir: str | Path, *, hashes: bool = True) -> list[dict[str, Any]]:
+    """One row per checkpoint directory (committed, damaged and renamed, or never completed), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    rows = []
+    committed = complete_checkpoints(run_dir)
+    resume = None
+    for step, path in committed:
+        v = verify(path, hashes=hashes)
+        rows.append({"step": step, "path": str(path), "val_loss": _val_loss(path, step), "size": _size(path),
+                     "ok": v.ok, "status": v.status})  # fmt: skip
+        if v.ok:
+            resume = len(rows) - 1
+    if resume is not None:
+        rows[resume]["resume"] = True
+    names = {p.name for _, p in committed}
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if p.name in names or not p.is_dir():
+            continue
+        if CORRUPT in p.name:
+            status = "damaged, renamed aside by a resume (kept for inspection; delete when done)"
+        elif p.name.startswith(".tmp-"):
+            status = "incomplete save (no COMPLETE marker; removed by the next save)"
+        else:
+            status = "no COMPLETE marker: never resumed from"
+        digits = "".join(c for c in p.name.split(".")[0 if not p.name.startswith(".") else 1] if c.isdigit())
+        rows.append({"step": int(digits) if digits else None, "path": str(p), "val_loss": None, "size": _size(p),
+                     "ok": None, "status": status})  # fmt: skip
+    return rows

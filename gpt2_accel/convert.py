@@ -25,13 +25,13 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import torch
 
 from .configuration_gpt2_accel import YARN_KEYS, GPT2AccelConfig
+from .locate import OPENAI_GPT2_SIZES
 from .modeling_gpt2_accel import GPT2AccelForCausalLM
 
 # Weights stored as transformers Conv1D (in, out) in GPT2LMHeadModel, nn.Linear (out, in) in ours.
@@ -40,7 +40,6 @@ _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight
 _SHAPE_KEYS = ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "bias")
 # GPT-2's activation is GELU with the tanh approximation; transformers has three names for it.
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-_HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def _hub_offline() -> bool:
@@ -82,7 +81,7 @@ def _load_hf_gpt2(source: str | os.PathLike):
         )
         raise OSError(
             f"cannot load GPT-2 {str(source)!r}: it is not a local directory and {why}. Converting a Hub model "
-            f"(e.g. {', '.join(_HUB_MODELS)}) needs the Hugging Face Hub or its files in the local cache; without "
+            f"(e.g. {', '.join(OPENAI_GPT2_SIZES)}) needs the Hugging Face Hub or its files in the local cache; without "
             "network, download it elsewhere (`hf download gpt2 --local-dir gpt2`) and pass that directory"
         ) from e
 
@@ -225,6 +224,24 @@ def _rotary_config(cfg: GPT2AccelConfig, model_type: str):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
+def _rotary_renames(model_type: str) -> dict[str, str]:
+    """Our per-layer tensors that map one to one onto the Llama / Qwen3 / NanoChat ones (names without the layer
+    prefix and the .weight/.bias suffix), for both directions. ``c_attn`` ([q; k; v]) and SwiGLU's ``c_fc``
+    ([gate; up]) are split or joined by the converters themselves."""
+    names = {"attn.c_proj": "self_attn.o_proj"}
+    if model_type == "nanochat":  # parameter-free norms; fc1 -> relu^2 -> fc2
+        names |= {"mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    else:
+        names |= {
+            "ln_1": "input_layernorm",
+            "ln_2": "post_attention_layernorm",
+            "mlp.c_proj": "mlp.down_proj",
+        }
+    if model_type == "qwen3":
+        names |= {"attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
+    return names
+
+
 def _ones_if_missing(state: dict, name: str, size: int, like: torch.Tensor) -> torch.Tensor:
     return state[name] if name in state else like.new_ones(size)  # a parameter-free norm = a unit gain
 
@@ -237,36 +254,32 @@ def _to_rotary_state(model: GPT2AccelForCausalLM, model_type: str) -> dict[str, 
     emb = sd["transformer.wte.weight"][: cfg.vocab_size]
     out = {"model.embed_tokens.weight": emb}
     nano = model_type == "nanochat"
+    renames = _rotary_renames(model_type)
     for i in range(cfg.n_layer):
         p, o = f"transformer.h.{i}", f"model.layers.{i}"
         for kind in ("weight", "bias"):
-            t = sd.get(f"{p}.attn.c_attn.{kind}")
-            if t is None:
-                continue
-            q, k, v = t.split([C, kv, kv])
-            if nano:
-                q, k = _nanochat_flip(q, cfg.n_head), _nanochat_flip(k, cfg.n_kv_head)
-            out[f"{o}.self_attn.q_proj.{kind}"], out[f"{o}.self_attn.k_proj.{kind}"] = q, k
-            out[f"{o}.self_attn.v_proj.{kind}"] = v
-            if f"{p}.attn.c_proj.{kind}" in sd:
-                out[f"{o}.self_attn.o_proj.{kind}"] = sd[f"{p}.attn.c_proj.{kind}"]
-        if not nano:
-            out[f"{o}.input_layernorm.weight"] = _ones_if_missing(sd, f"{p}.ln_1.weight", C, emb)
-            out[f"{o}.post_attention_layernorm.weight"] = _ones_if_missing(sd, f"{p}.ln_2.weight", C, emb)
-        if model_type == "qwen3":
-            for n in ("q_norm", "k_norm"):
-                out[f"{o}.self_attn.{n}.weight"] = _ones_if_missing(
-                    sd, f"{p}.attn.{n}.weight", cfg.head_dim, emb
-                )
-        for kind in ("weight", "bias"):
-            fc, proj = sd.get(f"{p}.mlp.c_fc.{kind}"), sd.get(f"{p}.mlp.c_proj.{kind}")
-            if fc is None:
-                continue
-            if nano:
-                out[f"{o}.mlp.fc1.{kind}"], out[f"{o}.mlp.fc2.{kind}"] = fc, proj
-            else:
+            t = sd.get(f"{p}.attn.c_attn.{kind}")  # [q; k; v] -> q_proj, k_proj, v_proj
+            if t is not None:
+                q, k, v = t.split([C, kv, kv])
+                if nano:
+                    q, k = _nanochat_flip(q, cfg.n_head), _nanochat_flip(k, cfg.n_kv_head)
+                out[f"{o}.self_attn.q_proj.{kind}"], out[f"{o}.self_attn.k_proj.{kind}"] = q, k
+                out[f"{o}.self_attn.v_proj.{kind}"] = v
+            fc = sd.get(f"{p}.mlp.c_fc.{kind}")  # SwiGLU's [gate; up] -> gate_proj, up_proj
+            if fc is not None and not nano:
                 out[f"{o}.mlp.gate_proj.{kind}"], out[f"{o}.mlp.up_proj.{kind}"] = fc[:inner], fc[inner:]
-                out[f"{o}.mlp.down_proj.{kind}"] = proj
+        for ours, theirs in renames.items():
+            for kind in ("weight", "bias"):
+                if f"{p}.{ours}.{kind}" in sd:
+                    out[f"{o}.{theirs}.{kind}"] = sd[f"{p}.{ours}.{kind}"]
+        for ours, size in (
+            ("ln_1", C),
+            ("ln_2", C),
+            ("attn.q_norm", cfg.head_dim),
+            ("attn.k_norm", cfg.head_dim),
+        ):
+            if ours in renames:  # a parameter-free norm (norm_elementwise_affine: false) = a unit gain
+                out.setdefault(f"{o}.{renames[ours]}.weight", emb.new_ones(size))
     if not nano:
         out["model.norm.weight"] = _ones_if_missing(sd, "transformer.ln_f.weight", C, emb)
     if not cfg.tie_word_embeddings:
@@ -362,33 +375,24 @@ def _from_rotary(hf, **config_overrides) -> GPT2AccelForCausalLM:
     emb = sd["model.embed_tokens.weight"]
     pad = config.padded_vocab_size - emb.size(0)
     state = {"transformer.wte.weight": torch.cat([emb, emb.new_zeros(pad, C)]) if pad else emb}
+    renames = _rotary_renames(model_type)
     for i in range(config.n_layer):
         p, o = f"transformer.h.{i}", f"model.layers.{i}"
         for kind in ("weight", "bias"):
-            q = sd.get(f"{o}.self_attn.q_proj.{kind}")
-            if q is None:
-                continue
-            k, v = sd[f"{o}.self_attn.k_proj.{kind}"], sd[f"{o}.self_attn.v_proj.{kind}"]
-            if nano:
-                q, k = _nanochat_flip(q, nh), _nanochat_flip(k, nkv)
-            state[f"{p}.attn.c_attn.{kind}"] = torch.cat([q, k, v])
-            if f"{o}.self_attn.o_proj.{kind}" in sd:
-                state[f"{p}.attn.c_proj.{kind}"] = sd[f"{o}.self_attn.o_proj.{kind}"]
-        if not nano:
-            state[f"{p}.ln_1.weight"] = sd[f"{o}.input_layernorm.weight"]
-            state[f"{p}.ln_2.weight"] = sd[f"{o}.post_attention_layernorm.weight"]
-        if model_type == "qwen3":
-            state[f"{p}.attn.q_norm.weight"] = sd[f"{o}.self_attn.q_norm.weight"]
-            state[f"{p}.attn.k_norm.weight"] = sd[f"{o}.self_attn.k_norm.weight"]
-        for kind in ("weight", "bias"):
-            if nano and f"{o}.mlp.fc1.{kind}" in sd:
-                state[f"{p}.mlp.c_fc.{kind}"] = sd[f"{o}.mlp.fc1.{kind}"]
-                state[f"{p}.mlp.c_proj.{kind}"] = sd[f"{o}.mlp.fc2.{kind}"]
-            elif f"{o}.mlp.gate_proj.{kind}" in sd:
+            q = sd.get(f"{o}.self_attn.q_proj.{kind}")  # q_proj, k_proj, v_proj -> [q; k; v]
+            if q is not None:
+                k, v = sd[f"{o}.self_attn.k_proj.{kind}"], sd[f"{o}.self_attn.v_proj.{kind}"]
+                if nano:
+                    q, k = _nanochat_flip(q, nh), _nanochat_flip(k, nkv)
+                state[f"{p}.attn.c_attn.{kind}"] = torch.cat([q, k, v])
+            if not nano and f"{o}.mlp.gate_proj.{kind}" in sd:  # gate_proj, up_proj -> [gate; up]
                 state[f"{p}.mlp.c_fc.{kind}"] = torch.cat(
                     [sd[f"{o}.mlp.gate_proj.{kind}"], sd[f"{o}.mlp.up_proj.{kind}"]]
                 )
-                state[f"{p}.mlp.c_proj.{kind}"] = sd[f"{o}.mlp.down_proj.{kind}"]
+        for ours, theirs in renames.items():
+            for kind in ("weight", "bias"):
+                if f"{o}.{theirs}.{kind}" in sd:
+                    state[f"{p}.{ours}.{kind}"] = sd[f"{o}.{theirs}.{kind}"]
     if not nano:
         state["transformer.ln_f.weight"] = sd["model.norm.weight"]
     if not config.tie_word_embeddings:
@@ -619,60 +623,7 @@ def _load_ours(source: str) -> GPT2AccelForCausalLM:
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``gpt2-accel convert``: import a standard model (``--from-hf``) or export to one (``--to-hf``)."""
-    parser = argparse.ArgumentParser(
-        prog="gpt2-accel convert",
-        description="Convert between gpt2_accel checkpoints and the transformers class that computes the same "
-        "function: GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM or NanoChatForCausalLM.",
-    )
-    direction = parser.add_mutually_exclusive_group(required=True)
-    direction.add_argument(
-        "--from-hf",
-        metavar="SRC",
-        help="GPT-2 directory or Hub id (gpt2, gpt2-xl...), or a Llama / Qwen3 / NanoChat directory",
-    )
-    direction.add_argument("--to-hf", metavar="SRC", help="gpt2_accel model directory or Hub id")
-    parser.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to write")
-    parser.add_argument("--attn-type", help="--from-hf only: attention variant of the new model (default SM)")
-    parser.add_argument("--dropout", type=float, help="--from-hf only: dropout of the new model")
-    parser.add_argument(
-        "--pad-vocab-size-multiple",
-        type=int,
-        help="--from-hf only: pad the embedding rows (64 -> 50304 for GPT-2)",
-    )
-    from .cli import accept_both_spellings
+if __name__ == "__main__":  # `python -m gpt2_accel.convert` runs the command, which lives in gpt2_accel/cli/
+    from .cli.convert import main
 
-    accept_both_spellings(parser)
-    args = parser.parse_args(argv)
-
-    output = Path(args.output)
-    try:
-        if args.from_hf:
-            overrides = {
-                k: v
-                for k, v in dict(
-                    attn_type=args.attn_type,
-                    dropout=args.dropout,
-                    pad_vocab_size_multiple=args.pad_vocab_size_multiple,
-                ).items()
-                if v is not None
-            }
-            source = args.from_hf
-            model = from_hf(source, **overrides)
-        else:
-            if args.attn_type or args.dropout is not None or args.pad_vocab_size_multiple:
-                parser.error("--attn-type/--dropout/--pad-vocab-size-multiple apply to --from-hf only")
-            source = args.to_hf
-            model = to_hf(_load_ours(source))
-        model.save_pretrained(output)
-        tok = _save_tokenizer(source, output, model.config.vocab_size)
-    except (OSError, ValueError, TypeError) as e:
-        parser.exit(2, f"gpt2-accel convert: error: {e}\n")
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {type(model).__name__} ({n / 1e6:.1f}M parameters) and {tok} to {output}")
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -18,18 +18,18 @@ Files (the schema lives here; the trainer writes, the command reads):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from .atomic import atomic_output
 
 EMA_DIR = "ema"
 STATE_FILE = "ema_state.safetensors"
@@ -139,13 +139,10 @@ class PowerEMA:
         """Write the EMAs at ``step`` to ``path`` atomically (a snapshot, or a checkpoint's state)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         meta = {"step": json.dumps(step), "gammas": json.dumps(self.gammas),
                 "sigma_rels": json.dumps(self.sigma_rels)}  # fmt: skip
-        save_file(self.tensors(), str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            save_file(self.tensors(), str(tmp), metadata=meta)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore the EMAs a checkpoint saved (refuses another set of sigma_rels)."""
@@ -302,48 +299,7 @@ def export(
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="gpt2-accel ema",
-        description="Reconstruct a post-hoc EMA model (EDM2) of any length from a run's EMA snapshots.",
-    )
-    p.add_argument("run", help="run directory trained with ema_sigma_rels (holds ema/step_*.safetensors)")
-    p.add_argument(
-        "--sigma_rel", type=float, required=False, help="EMA length relative to the step, e.g. 0.05"
-    )
-    p.add_argument("--output", help="model directory to write")
-    p.add_argument(
-        "--step", type=int, default=None, help="the training step to average up to (default: last)"
-    )
-    p.add_argument(
-        "--list", action="store_true", help="print the snapshots and the sigma_rel range they support"
-    )
-    from .cli import accept_both_spellings
+if __name__ == "__main__":  # `python -m gpt2_accel.ema` runs the command, which lives in gpt2_accel/cli/
+    from .cli.ema import main
 
-    a = accept_both_spellings(p).parse_args(argv)
-    try:
-        if a.list or a.sigma_rel is None:
-            snaps = list_snapshots(a.run)
-            if not snaps:
-                raise EMAError(f"{a.run!r} has no EMA snapshots; train with ema_sigma_rels to record them")
-            gam = [_snapshot_gammas(path) for _, path in snaps]
-            steps = np.array([s for (s, _), g in zip(snaps, gam, strict=True) for _ in g], np.float64)
-            gammas = np.array([x for g in gam for x in g], np.float64)
-            t = a.step or snaps[-1][0]
-            rng = reconstructable_range(steps, gammas, t)
-            print(f"{len(snaps)} snapshots, steps {snaps[0][0]}..{snaps[-1][0]}, EMAs with sigma_rel "
-                  f"{[round(gamma_to_sigma_rel(g), 4) for g in gam[0]]}")  # fmt: skip
-            print(
-                f"reconstructable at step {t}: "
-                + (f"sigma_rel {rng[0]:.3f}..{rng[1]:.3f}" if rng else "none")
-            )
-            return 0
-        if not a.output:
-            p.error("--output is required with --sigma_rel")
-        report = export(a.run, a.sigma_rel, a.output, a.step)
-    except EMAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"EMA sigma_rel={a.sigma_rel} (gamma {report['gamma']:.2f}) at step {report['step']} from "
-          f"{report['snapshots']} snapshots (profile error {report['profile_error']:.4f}) -> {a.output}")  # fmt: skip
-    return 0
+    raise SystemExit(main())

@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import weakref
 from datetime import UTC
 from functools import lru_cache
@@ -23,8 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .locate import OPENAI_GPT2, find_model_dir
+
 # The OpenAI GPT-2 checkpoints: their tokenizer is GPT-2's BPE, which we build offline from the bundled files.
-OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 _HELLASWAG_FIELDS = ("ctx", "endings", "label")
 
@@ -374,17 +373,6 @@ def score_hellaswag(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _find_model_dir(path: Path) -> Path:
-    if (path / "config.json").is_file():
-        return path
-    candidates = sorted(p.parent for p in path.glob("*/config.json"))
-    hint = f" Sub-directories with a model: {[str(c) for c in candidates]}." if candidates else ""
-    raise FileNotFoundError(
-        f"{str(path)!r} has no config.json, so it is not a saved model.{hint} Pass the directory that holds "
-        "config.json and the weights (a run's final model or a checkpoint's model)"
-    )
-
-
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """Any causal LM: our run/model directories, transformers checkpoints (vanilla GPT-2 included), Hub ids.
 
@@ -397,7 +385,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_r
 
     path = Path(name_or_path)
     if path.exists():
-        name_or_path = str(_find_model_dir(path))
+        name_or_path = str(find_model_dir(path))
     elif name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model directory {name_or_path!r} does not exist; check --model / init_from")
     try:
@@ -424,11 +412,11 @@ def default_tokenizer_name(model_name: str) -> str:
     BPE for OpenAI's checkpoints, else the Hub id itself."""
     path = Path(model_name)
     if path.is_dir():
-        model_dir = _find_model_dir(path)
+        model_dir = find_model_dir(path)
         if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
             return str(model_dir)
         return "gpt2"
-    if model_name.removeprefix("openai-community/") in OPENAI_GPT2:
+    if model_name in OPENAI_GPT2:
         return "gpt2"
     return model_name
 
@@ -449,74 +437,8 @@ def _check_compatible(model, tokenizer, block_size: int | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# command line
+# results
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gpt2-accel eval",
-        description="Loss/perplexity on a dataset, or HellaSwag accuracy, of any causal LM. Run under "
-        "`accelerate launch` to spread the work over processes (same result as one process). Extra "
-        "--key=value arguments after a recipe override its keys.",
-    )
-    p.add_argument("recipe", nargs="?", help="optional recipe YAML (model = init_from, data = its data keys)")
-    p.add_argument("--model", help="run/model directory or Hub id (default: the recipe's init_from)")
-    p.add_argument(
-        "--data",
-        help="--task loss: a dataset (Hub id, local files, 'bundled:shakespeare', as the recipe's dataset_name); "
-        "--task hellaswag: the official jsonl path or a Hub id (default: the recipe's hellaswag_data)",
-    )
-    p.add_argument(
-        "--task",
-        type=_task,
-        default="loss",
-        help="loss, hellaswag, or lm_eval:<task>[,<task>...] to run lm-evaluation-harness's tasks (its HF backend)",
-    )
-    p.add_argument(
-        "--split",
-        help="loss with --data: the split of that dataset to score (default 'train', the only split of local "
-        "files); loss from a recipe without --data: replaces validation_split; hellaswag from the Hub: default "
-        "'validation'",
-    )
-    p.add_argument(
-        "--max_tokens",
-        type=int,
-        help="loss: evaluate about this many tokens (default: max_eval_samples windows)",
-    )
-    p.add_argument("--max_examples", type=int, help="hellaswag: score only the first N examples")
-    p.add_argument(
-        "--batch_size", type=int, help="windows (loss) or examples (hellaswag) per forward per process"
-    )
-    p.add_argument(
-        "--block_size", type=int, help="loss: window length (default: the recipe's, else the model's)"
-    )
-    p.add_argument("--text_column", help="column holding the text (default 'text')")
-    p.add_argument("--dataset_config_name", help="Hub dataset configuration, e.g. wikitext-103-raw-v1")
-    p.add_argument(
-        "--tokenizer", help="tokenizer name/dir (default: the model's own, 'gpt2' for OpenAI GPT-2)"
-    )
-    p.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights dtype"
-    )
-    p.add_argument("--trust_remote_code", action="store_true", help="allow Hub models with their own code")
-    p.add_argument("--include_path", help="lm_eval: a directory of your own lm-evaluation-harness task YAMLs")
-    p.add_argument(
-        "--limit", type=float, help="lm_eval: score only this many documents per task (< 1: a fraction)"
-    )
-    p.add_argument("--num_fewshot", type=int, help="lm_eval: few-shot examples (default: each task's own)")
-    p.add_argument(
-        "--output",
-        help="results JSON (default: <model_dir>/eval_results_<task>.json, or "
-        "./eval_results_<task>.json for a Hub id)",
-    )
-    return p
-
-
-def _task(value: str) -> str:
-    if value in ("loss", "hellaswag") or value.startswith("lm_eval:"):
-        return value
-    raise argparse.ArgumentTypeError(f"{value!r}: choose loss, hellaswag or lm_eval:<task>[,<task>...]")
 
 
 def save_results(output: str | Path, result: dict) -> Path:
@@ -528,7 +450,7 @@ def save_results(output: str | Path, result: dict) -> Path:
     from datetime import datetime
 
     from . import __version__
-    from .checkpoint import write_json
+    from .atomic import write_json
 
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -541,153 +463,9 @@ def save_results(output: str | Path, result: dict) -> Path:
     return out
 
 
-def _print_table(result: dict, keys: list[str]) -> None:
-    width = max(len(k) for k in keys)
-    print("-" * (width + 20))
-    for k in keys:
-        v = result[k]
-        text = f"{v:.6f}" if isinstance(v, float) else str(v)
-        print(f"{k:<{width}}  {text}")
-    print("-" * (width + 20))
+if (
+    __name__ == "__main__"
+):  # `python -m gpt2_accel.evaluation` runs the command, which lives in gpt2_accel/cli/
+    from .cli.eval import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``gpt2-accel eval``: print a table and write a JSON of the results (main process only)."""
-    from .cli import accept_both_spellings
-
-    parser = accept_both_spellings(_parser())
-    args, extra = parser.parse_known_args(argv)
-    from .recipe import DataArguments, RecipeError, load_recipe
-
-    recipe = None
-    if args.recipe is not None and not args.recipe.endswith((".yaml", ".yml")):
-        # argparse takes the first bare word as the recipe, e.g. the value of "--init_from x recipe.yaml".
-        parser.error(
-            f"{args.recipe!r} is not a recipe file (.yaml); give the recipe first, overrides as --key=value"
-        )
-    if args.recipe is not None:
-        try:
-            recipe = load_recipe(args.recipe, extra)
-        except RecipeError as e:
-            parser.error(str(e))
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)} (--key=value overrides need a recipe file)")
-
-    model_name = args.model or (recipe.model.init_from if recipe is not None else None)
-    if not model_name or model_name in ("scratch", "resume"):
-        parser.error(
-            "give --model (a run/model directory or Hub id), or a recipe whose init_from names a model"
-        )
-
-    if args.task.startswith("lm_eval:"):
-        from . import harness
-
-        try:
-            return harness.main(args, model_name)
-        except (ImportError, ValueError) as e:
-            parser.exit(2, f"gpt2-accel eval: error: {e}\n")
-
-    from accelerate import Accelerator
-
-    from .tokenization import get_tokenizer
-
-    accelerator = Accelerator()
-    dtype = getattr(torch, args.dtype)
-    model = load_model(model_name, dtype=dtype, trust_remote_code=args.trust_remote_code).to(
-        accelerator.device
-    )
-    tok_name = args.tokenizer or (recipe.data.tokenizer_name if recipe is not None else None)
-    tok_name = tok_name or default_tokenizer_name(model_name)
-    tokenizer = get_tokenizer(tok_name)
-
-    result: dict[str, Any] = {"task": args.task, "model": model_name, "tokenizer": tok_name}
-    if args.task == "loss":
-        if recipe is not None:
-            data = recipe.data
-        else:
-            if args.data is None:
-                parser.error("--task loss needs --data (a Hub dataset id or local files) or a recipe")
-            data = DataArguments()
-        if args.data is not None:
-            # --data names the evaluation set itself: all of its --split (default train_split, 'train', the only
-            # split of local files) is scored, not the part training would hold out.
-            data.validation_dataset_name = args.data
-            data.validation_split = args.split
-        elif args.split is not None:
-            data.validation_split = args.split
-        if args.text_column is not None:
-            data.text_column = args.text_column
-        if args.dataset_config_name is not None:
-            data.dataset_config_name = args.dataset_config_name
-        if data.validation_dataset_name is not None:
-            source, split = data.validation_dataset_name, data.validation_split or data.train_split
-        elif data.validation_split is not None:
-            source, split = data.dataset_name, data.validation_split
-        else:  # the trainer's validation: documents held out of the training split
-            source = data.dataset_name
-            split = f"{data.train_split} (held-out {data.validation_split_percentage}%)"
-        data.tokenizer_name = tok_name
-        block_size = args.block_size or data.block_size or _max_positions(model)
-        if block_size is None:
-            parser.error("the model does not say its context length; pass --block_size")
-        _check_compatible(model, tokenizer, block_size)
-        max_samples = math.ceil(args.max_tokens / block_size) if args.max_tokens else data.max_eval_samples
-        batch_size = args.batch_size or (
-            recipe.training.per_device_eval_batch_size if recipe is not None else 8
-        )
-
-        from .data import build_eval_windows
-
-        windows = build_eval_windows(
-            data,
-            tokenizer,
-            block_size=block_size,
-            max_samples=max_samples,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-        )
-        result.update(evaluate_loss(model, windows, batch_size=batch_size, accelerator=accelerator))
-        if result["tokens"] == 0:
-            raise ValueError(
-                f"{source!r} split {split!r} gave no window of {block_size + 1} tokens; use more data, a smaller "
-                "--block_size, or another --split"
-            )
-        result.update(data=source, split=split, block_size=block_size, windows=result["tokens"] // block_size)
-        keys = ["loss", "perplexity", "tokens"]
-    else:
-        source = args.data or (recipe.training.hellaswag_data if recipe is not None else None)
-        if source is None:
-            parser.error(
-                "--task hellaswag needs --data (the official jsonl path or a Hub id) or hellaswag_data"
-            )
-        max_examples = args.max_examples or (
-            recipe.training.hellaswag_max_examples if recipe is not None else None
-        )
-        _check_compatible(model, tokenizer, None)
-        examples = load_hellaswag(source, max_examples, split=args.split or "validation")
-        result.update(
-            score_hellaswag(
-                model, tokenizer, examples, accelerator=accelerator, batch_size=args.batch_size or 8
-            )
-        )
-        result.update(data=source)
-        keys = ["acc", "acc_norm", "n"]
-    result["num_processes"] = accelerator.num_processes
-    result["dtype"] = args.dtype
-
-    if accelerator.is_main_process:
-        output = args.output
-        if output is None:
-            base = Path(model_name) if Path(model_name).is_dir() else Path(".")
-            output = str(base / f"eval_results_{args.task}.json")
-        path = save_results(output, result)
-        print(f"{args.task} of {model_name} on {result['data']} ({accelerator.num_processes} process(es))")
-        _print_table(result, keys)
-        print(f"wrote {path}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -25,10 +25,8 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +34,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .atomic import atomic_output
 
 # Format -> the weight types it can be written in (first = default).
 OUTTYPES: dict[str, tuple[str, ...]] = {
@@ -115,28 +115,11 @@ def _atomic_target(output: Path, overwrite: bool, write: Callable[[Path], None],
     On any failure the temporary path is removed and ``output`` is untouched (an existing one too).
     """
     output = output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
-    target = tmp if is_dir else tmp / output.name
     try:
-        write(target)
-        if output.exists() or output.is_symlink():
-            if not overwrite:  # appeared while we worked
-                raise ExportError(f"{output} appeared during the export; pass --overwrite to replace it")
-            old = output.parent / f".{output.name}.old"
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-            os.replace(output, old)
-            os.replace(target, output)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(target, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_output(output, is_dir=is_dir, overwrite=overwrite) as target:
+            write(target)
+    except FileExistsError as e:  # appeared while we worked
+        raise ExportError(f"{e}; pass --overwrite to replace it") from None
     return output
 
 
@@ -547,33 +530,7 @@ def export(
     return _atomic_target(output, overwrite, gguf_file, is_dir=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``gpt2-accel export RUN --format {hf,gguf,onnx} --output PATH [--outtype ...] [--overwrite]``."""
-    p = argparse.ArgumentParser(
-        prog="gpt2-accel export",
-        description="Export a gpt2_accel model to transformers (GPT2LMHeadModel), GGUF (llama.cpp) or ONNX.",
-    )
-    p.add_argument("model", help="run directory, save_pretrained directory, checkpoint or Hub id")
-    p.add_argument("--format", required=True, choices=list(OUTTYPES), help="target runtime format")
-    p.add_argument("--output", "-o", required=True, help="directory (hf, onnx) or file (gguf) to write")
-    p.add_argument(
-        "--outtype",
-        help="weight type: "
-        + "; ".join(f"{f}: {', '.join(t)} (default {t[0]})" for f, t in OUTTYPES.items()),
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    from .cli import accept_both_spellings
+if __name__ == "__main__":  # `python -m gpt2_accel.export` runs the command, which lives in gpt2_accel/cli/
+    from .cli.export import main
 
-    accept_both_spellings(p)
-    args = p.parse_args(argv)
-    try:
-        out = export(args.model, args.format, args.output, outtype=args.outtype, overwrite=args.overwrite)
-    except (OSError, ValueError, TypeError) as e:
-        p.exit(2, f"gpt2-accel export: error: {e}\n")
-    what = {"hf": "transformers directory", "gguf": "GGUF file", "onnx": "ONNX directory"}
-    print(f"wrote {what[args.format]} ({args.outtype or OUTTYPES[args.format][0]}) to {out}")
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -12,8 +12,6 @@ is how local data files are scored without the Hub.
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Any
 
 PREFIX = "lm_eval:"
@@ -85,58 +83,3 @@ def _jsonable(x):
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)
-
-
-def main(args, model_name: str) -> int:
-    """The ``lm_eval:`` branch of ``gpt2-accel eval`` (args from its parser)."""
-    from .evaluation import save_results
-    from .sample import resolve_model_path
-
-    tasks = parse_tasks(args.task)
-    path = resolve_model_path(model_name)
-    # The harness logs every request batch and task build at INFO; the console keeps progress and results.
-    for name in ("lm_eval", "lm-eval"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    device = "cuda" if _cuda() else "cpu"
-    res = run_lm_eval(
-        path,
-        tasks,
-        include_path=args.include_path,
-        tokenizer=args.tokenizer,
-        batch_size=args.batch_size or 8,
-        device=device,
-        dtype=args.dtype,
-        limit=args.limit,
-        num_fewshot=args.num_fewshot,
-        trust_remote_code=args.trust_remote_code,
-    )
-    result = {"task": args.task, "model": model_name, "backend": "lm-evaluation-harness", **res}
-    try:
-        from importlib.metadata import version
-
-        result["lm_eval_version"] = version("lm_eval")
-    except Exception:  # pragma: no cover - metadata missing in odd installs
-        pass
-    output = args.output
-    if output is None:
-        base = Path(path) if Path(path).is_dir() else Path(".")
-        output = str(base / "eval_results_lm_eval.json")
-    written = save_results(output, result)
-    print(f"lm-evaluation-harness {','.join(tasks)} of {model_name} ({device})")
-    for task, metrics in res["results"].items():
-        for k, v in metrics.items():
-            if k == "alias" or "stderr" in k:
-                continue
-            err = metrics.get(k.replace(",", "_stderr,", 1))
-            shown = f"{v:.4f}" if isinstance(v, float) else str(v)
-            if isinstance(err, float):
-                shown += f" +- {err:.4f}"
-            print(f"  {task:<24} {k:<20} {shown}")
-    print(f"wrote {written}")
-    return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

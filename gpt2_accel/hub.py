@@ -20,21 +20,21 @@ safe to call from a background thread: each call has its own ``HfApi`` client an
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
 import shutil
 import struct
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
+from .locate import find_model_dir
 from .recipe import SECRET_KEYS  # never uploaded
 
 logger = logging.getLogger(__name__)
@@ -60,22 +60,10 @@ class HubPushError(RuntimeError):
 def model_dir_of(run_dir: str | os.PathLike) -> Path:
     """The directory holding the model to push: the run root once training wrote the final model, else the
     newest committed checkpoint's ``model/`` (pushes during training, hub_strategy 'every_save')."""
-    run_dir = Path(run_dir)
-    if _has_model(run_dir):
-        return run_dir
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and _has_model(ckpt / "model"):
-        return ckpt / "model"
-    raise HubPushError(
-        f"{run_dir} holds no model to push: no config.json at its root and no committed checkpoint "
-        "(checkpoints/step_*/model with a COMPLETE marker). Push a run directory written by `gpt2-accel train`, "
-        "or a directory written by save_pretrained"
-    )
-
-
-def _has_model(directory: Path) -> bool:
-    """A full model (config.json) or a LoRA adapter (adapter_config.json, PEFT's format: see lora.py)."""
-    return (directory / "config.json").is_file() or (directory / "adapter_config.json").is_file()
+    try:
+        return find_model_dir(run_dir, adapters=True, what="model to push")
+    except FileNotFoundError as e:
+        raise HubPushError(str(e)) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -441,19 +429,8 @@ def write_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> 
     Written atomically (temp file + rename) so a reader never sees half a card.
     """
     path = Path(run_dir) / "README.md"
-    _atomic_write(path, render_model_card(run_dir, repo_id))
+    atomic_write_text(path, render_model_card(run_dir, repo_id))
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -640,61 +617,7 @@ def push_run(
     return url
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``gpt2-accel push RUN_DIR --repo-id ID [--private] [--token T] [--include-checkpoints]``."""
-    p = argparse.ArgumentParser(
-        prog="gpt2-accel push",
-        description="Push a run directory (model, tokenizer, code, model card, loss curve) to the Hugging Face Hub.",
-    )
-    p.add_argument(
-        "run_dir", help="run directory written by `gpt2-accel train` (or any save_pretrained directory)"
-    )
-    p.add_argument(
-        "--repo-id", "--repo_id", required=True, help="Hub repo 'namespace/name' (created if missing)"
-    )
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument(
-        "--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth login`)"
-    )
-    p.add_argument(
-        "--include-checkpoints",
-        "--include_checkpoints",
-        action="store_true",
-        help="also upload the newest resumable checkpoint under checkpoints/",
-    )
-    p.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
-    p.add_argument("--commit-message", "--commit_message", default="Upload model trained with gpt2_accel")
-    p.add_argument(
-        "--card-only",
-        "--card_only",
-        action="store_true",
-        help="only write RUN_DIR/README.md (the model card) and print its path; push nothing",
-    )
-    from .cli import accept_both_spellings
+if __name__ == "__main__":  # `python -m gpt2_accel.hub` runs the command, which lives in gpt2_accel/cli/
+    from .cli.push import main
 
-    accept_both_spellings(p)
-    args = p.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.card_only:
-            print(write_model_card(args.run_dir, args.repo_id))
-            return 0
-        url = push_run(
-            args.run_dir,
-            args.repo_id,
-            token=args.token,
-            private=args.private,
-            commit_message=args.commit_message,
-            include_checkpoints=args.include_checkpoints,
-            revision=args.revision,
-        )
-    except HubPushError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(url)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

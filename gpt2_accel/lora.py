@@ -22,14 +22,13 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .atomic import atomic_output
 from .recipe import ModelArguments, PeftArguments, RecipeError
 
 MODEL_TYPE = "gpt2_accel"
@@ -134,7 +133,7 @@ def _source_attn_type(source: str) -> str | None:
 def base_name(m: ModelArguments) -> str | None:
     """What ``base_model_name_or_path`` names when the base is ``init_from`` unchanged; None when the run must
     write the base itself (from scratch, or with an attn_type the source does not have)."""
-    from .trainer import OPENAI_GPT2
+    from .locate import OPENAI_GPT2
 
     if m.init_from in ("scratch", "resume"):
         return None
@@ -151,19 +150,12 @@ def base_name(m: ModelArguments) -> str | None:
 def write_base_model(model: nn.Module, tokenizer, output_dir: Path) -> Path:
     """Save the frozen base (new attn_type / scratch) as ``output_dir/base_model``, atomically (temp + rename)."""
     final = Path(output_dir) / BASE_MODEL_DIR
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BASE_MODEL_DIR}-", dir=final.parent))
-    try:
+    # An existing one is from a previous run in this output_dir (overwrite_output_dir): its base is stale.
+    with atomic_output(final, is_dir=True) as tmp:
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
         model.config.use_cache = False
         tokenizer.save_pretrained(tmp)
-        if final.exists():  # a previous run in this output_dir (overwrite_output_dir): its base is stale
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final.resolve()
 
 

@@ -76,7 +76,7 @@ class MetricsWriter:
             for line in self.path.read_text().splitlines()
             if line and json.loads(line).get("step", 0) <= step
         ]
-        from .checkpoint import atomic_write_text
+        from .atomic import atomic_write_text
 
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 

@@ -1,16 +1,13 @@
-"""Distributed set-up checks and FSDP2 helpers.
+"""Distributed set-up checks.
 
 - :func:`launch_request` / :func:`check_world`: what ``accelerate launch`` (or torchrun) was asked for, compared with
   the world Accelerate actually built. A launch that silently falls back (``--cpu --num_processes 2`` runs ONE
   process; an FSDP config on a machine without GPUs runs DDP) would train N independent models that all write as
   rank 0, so the trainer refuses it with :class:`DistributedSetupError`.
-- :func:`apply_fsdp`, :func:`save_sharded`, :func:`load_sharded`, :func:`full_state_dict`,
-  :func:`consolidate_checkpoint`: torch's FSDP2 (``fully_shard``) with our wrap policy (one unit per
-  ``GPT2AccelBlock`` + the root, which owns the tied ``wte``/``lm_head``), sharded checkpoints through
-  ``torch.distributed.checkpoint`` (DCP: resharded on load, so a checkpoint of N ranks loads on M), and the
-  consolidated full state dict a Hugging Face export needs. Accelerate's FSDP plugin (accelerate_configs/fsdp.yaml)
-  does the same on GPUs; these functions let the tests exercise those code paths on CPU over gloo, and serve
-  scripts that use FSDP2 without Accelerate.
+- :func:`expected_shapes`: the full parameter shapes an export must have (a sharded state dict is refused).
+
+Accelerate applies FSDP2 and DeepSpeed from the launch config; the FSDP2 helpers the tests use to exercise the same
+code paths on CPU over gloo are in tests/fsdp2.py.
 """
 
 from __future__ import annotations
@@ -18,11 +15,9 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 
 class DistributedSetupError(RuntimeError):
@@ -135,8 +130,8 @@ def check_world(req: LaunchRequest, num_processes: int, distributed_type: str) -
     want = {"deepspeed": ("DEEPSPEED",), "fsdp": ("FSDP",)}.get(req.mode or "")
     if want is not None and dist not in want:
         hint = (
-            "Accelerate's FSDP needs GPUs; on CPU test with accelerate_configs/cpu.yaml (DDP) or "
-            "gpt2_accel.parallel.apply_fsdp under torch.distributed"
+            "Accelerate's FSDP needs GPUs; on CPU test with accelerate_configs/cpu.yaml (DDP), or torch's "
+            "fully_shard under torch.distributed without Accelerate (as tests/fsdp2.py does)"
             if req.mode == "fsdp"
             else "install deepspeed (pip install 'gpt2_accel[deepspeed]') and launch with a deepspeed_zero*.yaml"
         )
@@ -171,103 +166,6 @@ def process_group_backend(req: LaunchRequest) -> str | None:
     if req.mode == "deepspeed" and not _has_accelerator():
         return "gloo"
     return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# FSDP2
-# ---------------------------------------------------------------------------------------------------------------
-def apply_fsdp(
-    model: nn.Module, mesh=None, *, reshard_after_forward: bool = True, mp_policy=None
-) -> nn.Module:
-    """Shard ``model`` in place with FSDP2: one ``fully_shard`` unit per ``GPT2AccelBlock``, then the root.
-
-    The per-block units are accelerate_configs/fsdp.yaml's TRANSFORMER_BASED_WRAP on GPT2AccelBlock: a block's
-    parameters are gathered just before its forward and freed after, so peak memory holds one block at a time.
-    The root unit keeps ``wte``, ``wpe``, ``ln_f`` and ``lm_head``; the tied ``lm_head``/``wte`` weight must stay in
-    ONE unit (wrapping the embedding alone would shard the same Parameter twice).
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
-    if mp_policy is not None:
-        kw["mp_policy"] = mp_policy
-    for block in model.transformer.h:
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
-    return model
-
-
-def save_sharded(directory: str | os.PathLike, model: nn.Module, optimizer=None) -> None:
-    """Each rank writes its own shards of the model (and optimizer) with DCP. Collective."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(model, optimizer or [])
-    state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
-    dcp.save(state, checkpoint_id=str(directory))
-
-
-def load_sharded(directory: str | os.PathLike, model: nn.Module, optimizer=None) -> None:
-    """Load a DCP checkpoint into ``model`` (and ``optimizer``) in place, resharding to this world. Collective.
-
-    The checkpoint may come from any number of ranks: DCP stores global shapes and offsets, and each rank reads
-    the pieces of its own shards.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    from .checkpoint import check_pickles
-
-    check_pickles(directory)  # DCP unpickles .metadata with plain pickle: refuse one that imports code
-    msd, osd = get_state_dict(model, optimizer or [])
-    state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
-    dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(
-        model, optimizer or [], model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {})
-    )
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The consolidated, unsharded model state on CPU (rank 0 gets it; other ranks get {}). Collective.
-
-    The tied ``lm_head.weight`` comes back as the same values as ``transformer.wte.weight``; ``save_pretrained``
-    drops the duplicate and ``from_pretrained`` re-ties it.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def consolidate_checkpoint(directory: str | os.PathLike, key: str = "model") -> dict[str, torch.Tensor]:
-    """Read a DCP checkpoint's full ``key`` state in ONE process, no process group (e.g. to export it offline)."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from .checkpoint import check_pickles
-
-    check_pickles(directory)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(directory), str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
-    return state.get(key, state)
-
-
-def export_full_model(
-    model_config, state_dict: dict[str, torch.Tensor], directory: str | os.PathLike
-) -> None:
-    """Write a consolidated state dict as a single-process-loadable Hugging Face model directory (safetensors)."""
-    from .modeling_gpt2_accel import GPT2AccelForCausalLM
-
-    with torch.device("meta"):
-        model = GPT2AccelForCausalLM(model_config)
-    model.load_state_dict(state_dict, strict=False, assign=True)
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ValueError(f"the state dict lacks {missing}; it is not a complete GPT2AccelForCausalLM")
-    model.save_pretrained(directory, safe_serialization=True)
 
 
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .locate import OPENAI_GPT2_SIZES
+
 
 class RecipeError(ValueError):
     """A recipe key has a bad value or name. The message names the key and the fix."""
@@ -36,7 +38,7 @@ class ModelArguments:
     init_from: str = _f(
         "scratch",
         "Where the weights start: 'scratch' (random GPT-2 init), 'resume' (newest complete checkpoint in output_dir; "
-        "error if none), an OpenAI GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'; Hub or local HF dir), or "
+        f"error if none), an OpenAI GPT-2 ({', '.join(map(repr, OPENAI_GPT2_SIZES))}; Hub or local HF dir), or "
         "any of our run/model directories or Hub repos (finetuning).",
     )
     n_layer: int = _f(12, "Number of transformer blocks (scratch only; taken from the checkpoint otherwise).")

@@ -1,50 +1,14 @@
 """``accelerate launch [--config_file ...] -m gpt2_accel.train RECIPE.yaml [--key=value ...]``.
 
-Also ``gpt2-accel train RECIPE.yaml ...`` (same behaviour). ``--help`` lists every recipe key with its doc.
+The launch target users and the README name; the command itself is :mod:`gpt2_accel.cli.train`
+(also ``gpt2-accel train``).
 """
 
 from __future__ import annotations
 
-import sys
+from .cli.train import main
 
-from .recipe import RecipeError, help_text, load_recipe
-
-USAGE = "usage: gpt2-accel train RECIPE.yaml [--key=value | --key value ...]\n       accelerate launch [--config_file CFG] -m gpt2_accel.train RECIPE.yaml [--key=value ...]"
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        print(help_text())
-        return 0 if argv else 2
-    path, overrides = (argv[0], argv[1:]) if not argv[0].startswith("--") else (None, argv)
-    try:
-        recipe = load_recipe(path, overrides)  # validated before anything heavy is imported or built
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from .checkpoint import CheckpointError
-    from .runlock import RunLockedError
-    from .trainer import Trainer
-
-    trainer = Trainer(recipe)
-    try:
-        # Set-up errors are the user's to fix (a missing file, a bad column, an unreachable model, a busy or damaged
-        # run directory): one clear line, no traceback. Errors once training runs keep their traceback.
-        trainer.setup()
-    except (RecipeError, OSError, ValueError, CheckpointError, RunLockedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        trainer.train()
-    except (
-        CheckpointError
-    ) as e:  # e.g. the disk filled during a save: the message says what is intact and what to do
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

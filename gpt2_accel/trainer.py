@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from .locate import OPENAI_GPT2
 from .logs import quiet_save, setup_logging
 from .metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
 from .optim import build_optimizer, check_optimizer_mode, set_lr
@@ -37,8 +38,6 @@ logger = logging.getLogger("gpt2_accel")
 _PEER_FAILURE = re.compile(
     r"timed out|timeout|connection (closed|reset)|broken pipe|peer|NCCL", re.IGNORECASE
 )
-
-OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2")
 
 
 class TrainerCallback:

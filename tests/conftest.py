@@ -5,6 +5,13 @@ Import the helpers directly (``from conftest import tiny_config, tiny_model``) o
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,6 +41,53 @@ def tiny_hf_gpt2(seed: int = 0, **overrides):
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
+
+
+def ids(batch: int = 2, t: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    """Random token ids (batch, t), the same for the same seed."""
+    return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))
+
+
+def jitter(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter (biases, norm gains too) so a swapped or untransposed weight shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous of processes on this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Put before a script run by run_without_package: drop editable-install finders and source-tree paths, then prove
+# gpt2_accel cannot be imported (else a test of loading without our package would pass for the wrong reason).
+_HIDE_PACKAGE = """
+import os, sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", "")).lower()]
+sys.path = [p for p in sys.path if "site-packages" in p or not os.path.isdir(os.path.join(p, "gpt2_accel"))]
+try:
+    import gpt2_accel
+except ImportError:
+    pass
+else:
+    raise SystemExit("gpt2_accel is importable: the test would not prove anything")
+"""
+
+
+def run_without_package(script: str, cwd: Path, *, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """Run ``script`` as a user without our package would: a fresh ``python -I`` (no PYTHONPATH, no user site),
+    ``cwd`` outside the repository, the Hub offline, and gpt2_accel unimportable."""
+    full_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    full_env["HF_HUB_OFFLINE"] = "1"
+    full_env.update(env)
+    code = _HIDE_PACKAGE + textwrap.dedent(script)
+    cmd = [sys.executable, "-I", "-c", code]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_model
+from conftest import ids, tiny_config, tiny_model
 
 from gpt2_accel import GPT2AccelConfig
 from gpt2_accel.modeling_gpt2_accel import CACHE_FIELD, rope_inv_freq
@@ -77,10 +77,6 @@ OPTIONS = {
     "pa_sliding": dict(attn_type="PA_relu", sliding_window=5, qk_norm=True),
     "gkpoly_gqa": dict(attn_type="GKpoly-4", n_kv_head=2, norm_type="rmsnorm"),
 }
-
-
-def ids(batch: int = 2, t: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))
 
 
 def perturbed(name: str, seed: int = 0):

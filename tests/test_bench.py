@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2_accel.bench import main
+from gpt2_accel.cli.bench import main
 
 DEMO = str(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml")
 TINY = [

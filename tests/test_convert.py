@@ -9,26 +9,14 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_hf_gpt2, tiny_model
+from conftest import ids, jitter, tiny_hf_gpt2, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 from gpt2_accel import GPT2AccelForCausalLM
-from gpt2_accel.convert import from_hf_gpt2, main, to_hf_gpt2
+from gpt2_accel.cli.convert import main
+from gpt2_accel.convert import from_hf_gpt2, to_hf_gpt2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def jitter(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
-    """Perturb every parameter (biases, LayerNorm gains too) so a swapped or untransposed weight shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model
-
-
-def ids(batch: int = 2, t: int = 16, vocab: int = 128, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))
 
 
 def logits(model, x) -> torch.Tensor:
@@ -43,7 +31,7 @@ def test_from_hf_gives_gpt2_logits(attn_implementation):
     ours.set_attn_implementation(attn_implementation)
     assert isinstance(ours, GPT2AccelForCausalLM) and not ours.training
     assert ours.lm_head.weight is ours.transformer.wte.weight
-    x = ids()
+    x = ids(t=16)
     torch.testing.assert_close(logits(ours, x), logits(hf, x), atol=1e-4, rtol=0)
 
 
@@ -52,7 +40,7 @@ def test_to_hf_gives_our_logits_and_round_trips_exactly():
     hf = to_hf_gpt2(ours)
     assert type(hf) is GPT2LMHeadModel and hf.config.model_type == "gpt2"
     assert hf.lm_head.weight is hf.transformer.wte.weight
-    x = ids()
+    x = ids(t=16)
     torch.testing.assert_close(logits(hf, x), logits(ours, x), atol=1e-4, rtol=0)
     back = from_hf_gpt2(hf)
     for name, tensor in ours.state_dict().items():
@@ -96,7 +84,7 @@ def test_overrides_apply_to_the_converted_config():
     ours = from_hf_gpt2(hf, dropout=0.0, pad_vocab_size_multiple=64, n_positions=32)
     assert ours.config.dropout == 0.0 and ours.config.n_positions == 32
     assert ours.transformer.wte.weight.shape == (128, 64) and ours.transformer.wpe.weight.shape == (32, 64)
-    x = ids(vocab=100)
+    x = ids(t=16, vocab=100)
     torch.testing.assert_close(
         logits(ours, x), logits(hf, x), atol=1e-4, rtol=0
     )  # same function, padding unseen
@@ -133,7 +121,7 @@ def test_to_hf_drops_padded_rows_and_fills_missing_biases():
     hf = to_hf_gpt2(ours)
     assert hf.transformer.wte.weight.shape == (100, 64) and hf.config.vocab_size == 100
     assert hf.transformer.h[0].attn.c_attn.bias.abs().max() == 0
-    x = ids(vocab=100)
+    x = ids(t=16, vocab=100)
     torch.testing.assert_close(logits(hf, x), logits(ours, x), atol=1e-4, rtol=0)
 
 
@@ -145,7 +133,7 @@ def test_exported_directory_is_vanilla_gpt2(tmp_path):
     assert not list(tmp_path.glob("*.py"))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # no trust_remote_code
     assert type(loaded) is GPT2LMHeadModel
-    x = ids()
+    x = ids(t=16)
     torch.testing.assert_close(logits(loaded, x), logits(ours, x), atol=1e-4, rtol=0)
 
 
@@ -153,7 +141,7 @@ def test_from_hf_accepts_a_local_directory_and_rejects_ours(tmp_path):
     hf = jitter(tiny_hf_gpt2())
     hf.save_pretrained(tmp_path / "hf")
     ours = from_hf_gpt2(str(tmp_path / "hf"))
-    x = ids()
+    x = ids(t=16)
     torch.testing.assert_close(logits(ours, x), logits(hf, x), atol=1e-4, rtol=0)
     ours.save_pretrained(tmp_path / "ours")
     with pytest.raises(ValueError, match=r"model_type=.gpt2_accel.*AutoModelForCausalLM.from_pretrained"):
@@ -178,7 +166,7 @@ def test_cli_round_trip_keeps_tokenizer_and_logits(tmp_path, capsys):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
     assert type(back) is GPT2LMHeadModel
     assert len(AutoTokenizer.from_pretrained(tmp_path / "back")) == 257
-    x = ids(vocab=257)
+    x = ids(t=16, vocab=257)
     torch.testing.assert_close(logits(ours, x), logits(hf, x), atol=1e-4, rtol=0)
     torch.testing.assert_close(logits(back, x), logits(hf, x), atol=1e-4, rtol=0)
 
@@ -205,7 +193,7 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys):
 def test_hub_id_offline_fails_with_a_clear_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty_hf_home"), PYTHONPATH=REPO)
-    code = f"from gpt2_accel.convert import main; main(['--from-hf', 'gpt2', '--output', {str(tmp_path / 'o')!r}])"
+    code = f"from gpt2_accel.cli.convert import main; main(['--from-hf', 'gpt2', '--output', {str(tmp_path / 'o')!r}])"
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gpt2_accel import data as D
+from gpt2_accel.cli.prepare import main as prepare_main
 from gpt2_accel.recipe import DataArguments
 from gpt2_accel.tokenization import get_tokenizer
 
@@ -228,7 +229,7 @@ def test_validation_holdout_is_disjoint_and_world_size_independent(tmp_path, tok
 def test_prepare_then_shards_resume_across_world_sizes(tmp_path, tok):
     src = _write_jsonl(tmp_path / "a.jsonl", _docs(300))
     out = tmp_path / "prep"
-    assert D.main([src, "--output", str(out), "--shard-size", "1000", "--num-proc", "1"]) == 0
+    assert prepare_main([src, "--output", str(out), "--shard-size", "1000", "--num-proc", "1"]) == 0
     index = json.loads((out / "index.json").read_text())
     assert index["complete"] and index["vocab_size"] == 50257 and index["eot_token_id"] == 50256
     assert len(index["splits"]["train"]["shards"]) > 2 and index["splits"]["validation"]["tokens"] > 0

@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
+from fsdp2 import consolidate_checkpoint
 
 from gpt2_accel.parallel import (
     DistributedSetupError,
     LaunchRequest,
     check_world,
-    consolidate_checkpoint,
     parse_accelerate_launch,
     wants_cpu,
 )
@@ -54,12 +54,6 @@ TINY = [
 LOSS_TOL = 2e-5  # fp32: summation order differs between all-reduce and accumulation
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
@@ -70,7 +64,7 @@ def _env(**extra: str) -> dict[str, str]:
 def _launch(config: str, n: int, data: Path, out: Path, *args: str, port: int | None = None,
             machines: tuple[int, int] | None = None) -> list[str]:  # fmt: skip
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-           "--num_processes", str(n), "--main_process_port", str(port or _free_port())]  # fmt: skip
+           "--num_processes", str(n), "--main_process_port", str(port or free_port())]  # fmt: skip
     if machines is not None:
         cmd += ["--num_machines", str(machines[0]), "--machine_rank", str(machines[1])]
     return [
@@ -224,7 +218,7 @@ def test_a_launch_that_would_fall_back_fails_with_a_clear_error(launch, message,
         pytest.skip("FSDP really runs on this machine")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
-           "--main_process_port", str(_free_port()), "-m", "gpt2_accel.train", str(DEMO),
+           "--main_process_port", str(free_port()), "-m", "gpt2_accel.train", str(DEMO),
            f"--dataset_name={tokens}", *TINY, f"--output_dir={out}"]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode != 0
@@ -264,7 +258,7 @@ def test_two_processes_equal_one_process_with_accumulation_and_resume_on_one(tok
 
 @pytest.mark.slow
 def test_two_machines_on_localhost_stay_in_sync(tokens, reference, tmp_path):
-    port, run = _free_port(), tmp_path / "run"  # one output_dir: multi-node runs need a shared filesystem
+    port, run = free_port(), tmp_path / "run"  # one output_dir: multi-node runs need a shared filesystem
     procs = [
         subprocess.Popen(_launch("ddp_multinode.yaml", 2, tokens, run, port=port, machines=(2, rank)),
                          env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -289,7 +283,7 @@ FSDP_WORKER = textwrap.dedent(
     import torch.nn.functional as F
     from torch.distributed.fsdp import FSDPModule
     from gpt2_accel import GPT2AccelConfig, GPT2AccelForCausalLM
-    from gpt2_accel.parallel import apply_fsdp, export_full_model, full_state_dict, load_sharded, save_sharded
+    from fsdp2 import apply_fsdp, export_full_model, full_state_dict, load_sharded, save_sharded  # tests/fsdp2.py
 
     mode, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
@@ -361,12 +355,12 @@ class _CreatesFile:
 
 
 def _torch_dist(script: Path, world: int, *args: str) -> None:
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True,
                          env=_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(r), WORLD_SIZE=str(world),
-                                  LOCAL_RANK=str(r)))
+                                  LOCAL_RANK=str(r), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")])))
         for r in range(world)
     ]  # fmt: skip
     _wait_all(procs)

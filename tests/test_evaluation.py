@@ -7,21 +7,20 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_hf_gpt2, tiny_model
+from conftest import free_port, tiny_hf_gpt2, tiny_model
 
 from gpt2_accel import GPT2AccelConfig, GPT2AccelForCausalLM
+from gpt2_accel.cli.eval import main
 from gpt2_accel.evaluation import (
     default_tokenizer_name,
     evaluate_loss,
     load_hellaswag,
-    main,
     render_hellaswag,
     score_hellaswag,
 )
@@ -378,12 +377,6 @@ def test_cli_accepts_a_recipe_with_overrides(model_dir, text_file, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_eval(nproc: int, args: list[str], out: Path) -> dict:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
@@ -397,7 +390,7 @@ def _run_eval(nproc: int, args: list[str], out: Path) -> dict:
     ]
     # A plain launch with no GPU silently runs ONE process; --multi_gpu + ACCELERATE_USE_CPU=1 gives gloo DDP on CPU.
     cmd += ["--multi_gpu"] if nproc > 1 else []
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     cmd += ["--module", "gpt2_accel.evaluation", *args, "--output", str(out)]
     # A timeout on every launch: a rare hang at gloo process-group exit has been seen on this kind of machine.
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

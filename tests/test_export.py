@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2_accel.export import ExportError, export, main
+from gpt2_accel.cli.export import main
+from gpt2_accel.export import ExportError, export
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "ROMEO: But soft, what light"

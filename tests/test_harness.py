@@ -89,7 +89,7 @@ def _reference_acc(model_dir: Path) -> float:
 
 
 def test_lm_eval_local_task_scores_like_our_loglikelihoods(model_dir, tmp_path, capsys):
-    from gpt2_accel.evaluation import main
+    from gpt2_accel.cli.eval import main
 
     tasks = _task_dir(tmp_path)
     assert (
@@ -108,7 +108,7 @@ def test_lm_eval_local_task_scores_like_our_loglikelihoods(model_dir, tmp_path, 
 
 
 def test_lm_eval_unknown_task_is_a_clear_error(model_dir, tmp_path, capsys):
-    from gpt2_accel.evaluation import main
+    from gpt2_accel.cli.eval import main
 
     with pytest.raises(SystemExit) as e:
         main(["--model", str(model_dir), "--task", "lm_eval:no_such_task", "--include_path", str(tmp_path)])

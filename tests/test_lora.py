@@ -162,7 +162,7 @@ def _base_logits(base: Path) -> torch.Tensor:
 
 
 def test_merge_refuses_an_existing_output_and_a_directory_without_adapter(base, tmp_path):
-    from gpt2_accel.merge import main
+    from gpt2_accel.cli.merge import main
 
     with pytest.raises(SystemExit) as e:
         main([str(base), "--output", str(tmp_path / "m")])  # a full model, not an adapter
@@ -182,7 +182,7 @@ def test_converting_attention_with_lora_writes_the_base_it_adapts(base, tmp_path
     assert cfg["base_model_name_or_path"] == str((run / "base_model").resolve())
     assert json.loads((run / "base_model" / "config.json").read_text())["attn_type"] == "GK"
     merged = tmp_path / "merged"
-    from gpt2_accel.merge import main
+    from gpt2_accel.cli.merge import main
 
     assert main([str(run), "--output", str(merged)]) == 0
     assert json.loads((merged / "config.json").read_text())["attn_type"] == "GK"

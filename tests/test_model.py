@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 from contextlib import contextmanager
@@ -14,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_model
+from conftest import ids, run_without_package, tiny_config, tiny_model
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -46,10 +43,6 @@ def transformers_warnings():
         for w in caught
         if "gpt2_accel" in (w.filename or "") or "transformers" in (w.filename or "")
     )
-
-
-def ids(batch: int = 2, t: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------------------------------------------- config / Auto
@@ -357,19 +350,8 @@ def test_trust_remote_code_loads_without_the_package(tmp_path, overrides):
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         torch.save(model(x).logits, tmp_path / "expected.pt")
-    # -I: isolated mode (no cwd, no PYTHONPATH, no user site) and cwd elsewhere, so gpt2_accel cannot be imported
-    # unless it is installed; drop any editable-install path finder as well.
     script = textwrap.dedent(
         f"""
-        import sys
-        sys.meta_path = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", "")).lower()]
-        sys.path = [p for p in sys.path if "/work/main" not in p or "site-packages" in p]
-        try:
-            import gpt2_accel
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("gpt2_accel is importable: the test would not prove anything")
         import torch
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
@@ -380,17 +362,8 @@ def test_trust_remote_code_loads_without_the_package(tmp_path, overrides):
         print("REMOTE_OK", type(m).__module__)
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HOME"] = str(tmp_path / "hf_home")  # remote-code modules are cached there
-    env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # remote-code modules are cached in HF_HOME
+    proc = run_without_package(script, tmp_path, timeout=300, HF_HOME=str(tmp_path / "hf_home"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "REMOTE_OK transformers_modules" in proc.stdout
 

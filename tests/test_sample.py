@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gpt2_accel import GPT2AccelConfig, GPT2AccelForCausalLM
-from gpt2_accel.sample import generate_samples, load_model_and_tokenizer, main
+from gpt2_accel.cli.sample import main
+from gpt2_accel.sample import generate_samples, load_model_and_tokenizer
 from gpt2_accel.tokenization import get_tokenizer
 
 pytestmark = pytest.mark.timeout(120)

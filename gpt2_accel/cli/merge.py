@@ -6,16 +6,15 @@ tokenizer): ``gpt2-accel sample``, ``gpt2-accel eval`` and ``gpt2-accel convert 
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import tempfile
 from pathlib import Path
+
+from .common import command_parser, fail, parse
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gpt2-accel merge",
-        description="Merge a LoRA adapter (a use_peft run directory or a checkpoint's model/) into its base model.",
+    parser = command_parser(
+        "merge",
+        "Merge a LoRA adapter (a use_peft run directory or a checkpoint's model/) into its base model.",
     )
     parser.add_argument(
         "adapter_dir", help="directory holding adapter_config.json + adapter_model.safetensors"
@@ -28,32 +27,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="base model (OpenAI name, model directory, Hub id); default: base_model_name_or_path of the adapter",
     )
-    from .cli import accept_both_spellings
-
-    accept_both_spellings(parser)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):
-        parser.exit(2, f"gpt2-accel merge: error: {output} exists and is not empty; pick a new --output\n")
+        fail(parser, f"{output} exists and is not empty; pick a new --output")
 
-    from .convert import _save_tokenizer
-    from .lora import merge_adapter
+    from ..atomic import atomic_output
+    from ..convert import _save_tokenizer
+    from ..lora import merge_adapter
 
     try:
         model = merge_adapter(args.adapter_dir, args.base)
     except (OSError, ValueError) as e:
-        parser.exit(2, f"gpt2-accel merge: error: {e}\n")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:  # written whole, then renamed: an interrupted merge leaves no half directory behind
+        fail(parser, e)
+    # written whole, then renamed: an interrupted merge leaves no half directory behind (an empty one is replaced)
+    with atomic_output(output, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok = _save_tokenizer(args.adapter_dir, tmp, model.config.vocab_size)
-        if output.exists():
-            output.rmdir()
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = sum(p.numel() for p in model.parameters())
     print(f"merged {args.adapter_dir} into its base: {n / 1e6:.2f}M parameters and {tok} written to {output}")
     return 0
