@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
+from .run_files import read_trainer_state
 
 
 def _size(path: Path) -> int:
@@ -31,8 +32,8 @@ def _human(n: float) -> str:
 def _val_loss(path: Path, step: int) -> float | None:
     """The validation loss measured at this checkpoint's step, if the run evaluated there."""
     try:
-        last = ckpt.read_json(path / "trainer_state.json").get("last_eval") or {}
-    except (OSError, ValueError):
+        last = read_trainer_state(path).last_eval or {}
+    except (OSError, ValueError, TypeError):
         return None
     return last.get("val_loss") if last.get("step") == step else None
 

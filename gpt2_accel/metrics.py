@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from .run_files import read_metrics
 
 # Dense peak throughput per device in FLOP/s, from the vendors' data sheets (no sparsity).
 # A100 SXM: 312 TFLOPS bf16/fp16, 156 tf32 (NVIDIA A100 datasheet). H100 SXM: 989 bf16, 495 tf32 (H100 datasheet).
@@ -58,40 +58,6 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
                 return table[precision], f"{key} {precision} datasheet"
         return float("nan"), f"unknown GPU {name!r}: add it to gpt2_accel.metrics.PEAK_FLOPS"
     return measured_cpu_matmul_flops(), "measured fp32 matmul on this CPU"
-
-
-class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (main process only), flushed at every line."""
-
-    def __init__(self, path: str | os.PathLike, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
-
-    def truncate_after(self, step: int) -> None:
-        """Drop lines logged after ``step`` (by a run that was killed after its last checkpoint)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line and json.loads(line).get("step", 0) <= step
-        ]
-        from .checkpoint import atomic_write_text
-
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_loss_curve(

@@ -13,12 +13,10 @@ import errno
 import logging
 import math
 import os
-import platform
 import re
 import shutil
 import signal
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,10 +24,12 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import run_files
 from .logs import quiet_save, setup_logging
-from .metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
+from .metrics import flops_per_token, peak_flops, plot_loss_curve
 from .optim import build_optimizer, check_optimizer_mode, set_lr
 from .recipe import Recipe, RecipeError, build_recipe, load_recipe
+from .run_files import TrainerState
 
 logger = logging.getLogger("gpt2_accel")
 
@@ -53,19 +53,6 @@ class TrainerCallback:
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm was NaN/inf (on_nonfinite='error')."""
-
-
-@dataclass
-class TrainerState:
-    """What, besides model/optimizer/RNG, a resumed run needs: saved as trainer_state.json."""
-
-    step: int = 0  # optimizer steps completed
-    tokens_seen: int = 0
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    skipped_steps: int = 0
-    world_size: int = 1
-    last_eval: dict[str, Any] | None = None  # the latest evaluation results, for the final report
 
 
 class Trainer:
@@ -283,11 +270,10 @@ class Trainer:
             self.max_steps,
         )
 
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=self.is_main)
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
         elif self.is_main:
-            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.output_dir / run_files.METRICS).unlink(missing_ok=True)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.output_dir / "recipe.yaml", self.recipe.to_yaml())
@@ -535,8 +521,7 @@ class Trainer:
             path / "state", {k: tuple(v.shape) for k, v in unwrapped.state_dict().items()}
         )
         acc.load_state(str(path / "state"))
-        st = ckpt.read_json(path / "trainer_state.json")
-        self.state = TrainerState(**st)
+        self.state = run_files.read_trainer_state(path)
         # load_state restores Accelerate's micro-step counter, which decides where accumulation syncs; a run that
         # resumes with another gradient_accumulation_steps (e.g. 2 processes -> 1 process x 2 micro-batches) would
         # otherwise sync in the middle of a step. Checkpoints are written at step boundaries: realign to one.
@@ -553,7 +538,8 @@ class Trainer:
             drop_snapshots_after(self.output_dir, self.state.step)
         data_state = ckpt.read_json(path / "data_state.json")
         self.train_loader.load_state_dict(data_state["ranks"])
-        self.metrics.truncate_after(self.state.step)
+        if self.is_main:
+            run_files.truncate_metrics(self.output_dir, self.state.step)
         logger.info(
             "resumed from %s at step %d (%d tokens seen)", path, self.state.step, self.state.tokens_seen
         )
@@ -588,7 +574,8 @@ class Trainer:
         self._export_model(tmp / "model")
         if self.is_main:
             self.state.world_size = acc.num_processes
-            ckpt.write_json(tmp / "trainer_state.json", self.state.__dict__)
+            self._record_wall_time()
+            run_files.write_trainer_state(tmp, self.state)
             ckpt.write_json(tmp / "data_state.json", {"world_size": acc.num_processes, "ranks": data_states})
             ckpt.write_json(tmp / "recipe.json", self.recipe.flat())
             if self.ema is not None:
@@ -673,7 +660,7 @@ class Trainer:
         ):
             self.state.best_val_loss, self.state.best_step = out["val_loss"], self.state.step
         if self.is_main:
-            self.metrics.write(out)
+            run_files.append_metrics(self.output_dir, out)
             for cb in self.callbacks:
                 cb.on_evaluate(self, out)
         self.accelerator.log({k: v for k, v in out.items() if k != "step"}, step=self.state.step)
@@ -718,6 +705,7 @@ class Trainer:
         steps_since_log, t_log, loss_ema = 0, time.perf_counter(), None
         last_eval, last_save = None, None
         start_step = self.state.step
+        self._clock = (time.perf_counter(), self.state.wall_time_s)  # wall time so far, summed over resumes
         if start_step >= self.max_steps:
             logger.info(
                 "already complete at step %d (max_steps=%d): nothing to do; raise max_steps to continue",
@@ -789,7 +777,7 @@ class Trainer:
                     logs["skipped_steps"] = self.state.skipped_steps
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 if self.is_main:
-                    self.metrics.write(logs)
+                    run_files.append_metrics(self.output_dir, logs)
                     for cb in self.callbacks:
                         cb.on_log(self, logs)
                 acc.log({k: v for k, v in logs.items() if k != "step"}, step=self.state.step)
@@ -872,26 +860,35 @@ class Trainer:
         checksums = self._replica_checksums()
         if self.is_main:
             plot_loss_curve(
-                self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png", self.output_dir.name
+                self.output_dir / run_files.METRICS, self.output_dir / "loss_curve.png", self.output_dir.name
             )
-            results = {k: v for k, v in final.items() if k.startswith(("val_", "hellaswag_"))}
-            ckpt.write_json(self.output_dir / "eval_results.json", results)
-            ckpt.write_json(
-                self.output_dir / "run_info.json",
-                {
-                    "steps": self.state.step,
-                    "tokens_seen": self.state.tokens_seen,
-                    "world_size": acc.num_processes,
-                    "distributed_type": str(acc.distributed_type),
-                    "mixed_precision": acc.mixed_precision,
-                    "hardware": _hardware(acc.device),
-                    "skipped_steps": self.state.skipped_steps,
-                    "replica_checksums": checksums,
-                },
+            run_files.write_eval_results(self.output_dir, run_files.eval_results_of(final))
+            self._record_wall_time()
+            run_files.write_run_info(
+                self.output_dir,
+                run_files.RunInfo(
+                    steps=self.state.step,
+                    tokens_seen=self.state.tokens_seen,
+                    wall_time_s=self.state.wall_time_s,
+                    hardware=run_files.hardware_name(acc.device),
+                    device_type=acc.device.type,
+                    world_size=acc.num_processes,
+                    distributed_type=str(acc.distributed_type),
+                    mixed_precision=acc.mixed_precision,
+                    skipped_steps=self.state.skipped_steps,
+                    replica_checksums=checksums,
+                    license=t.license,
+                ),
             )
             if t.push_to_hub:
                 self._push(background=False, message=f"final model after {self.state.step} steps")
         acc.wait_for_everyone()
+
+    def _record_wall_time(self) -> None:
+        """Bring ``state.wall_time_s`` up to now: the time of this train() call plus that of earlier ones."""
+        clock = getattr(self, "_clock", None)
+        if clock is not None:
+            self.state.wall_time_s = clock[1] + time.perf_counter() - clock[0]
 
     def _replica_checksums(self) -> list[float] | None:
         """Every rank's float64 sum of its model weights (DDP: must be equal, i.e. the replicas stayed in sync).
@@ -1037,9 +1034,3 @@ def _default_repo_id(output_dir: Path, token: str | None) -> str:
     from huggingface_hub import HfApi
 
     return f"{HfApi(token=token).whoami()['name']}/{Path(output_dir).name}"
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
