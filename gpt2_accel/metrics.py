@@ -1,4 +1,4 @@
-"""What a run reports: FLOPs and MFU, ``metrics.jsonl``, and the loss-curve plot."""
+"""What a run reports: FLOPs and MFU, the ``metrics.jsonl`` tracker, and the loss-curve plot."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import os
 import time
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate.tracking import GeneralTracker
 
-from .run_files import read_metrics
+from .run_files import METRICS, append_metrics, read_metrics
 
 # Dense peak throughput per device in FLOP/s, from the vendors' data sheets (no sparsity).
 # A100 SXM: 312 TFLOPS bf16/fp16, 156 tf32 (NVIDIA A100 datasheet). H100 SXM: 989 bf16, 495 tf32 (H100 datasheet).
@@ -58,6 +60,26 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
                 return table[precision], f"{key} {precision} datasheet"
         return float("nan"), f"unknown GPU {name!r}: add it to gpt2_accel.metrics.PEAK_FLOPS"
     return measured_cpu_matmul_flops(), "measured fp32 matmul on this CPU"
+
+
+class JsonlTracker(GeneralTracker):
+    """``metrics.jsonl`` as an Accelerate tracker: one ``accelerator.log(values, step)`` call writes it together
+    with TensorBoard, W&B or any other tracker of ``report_to``. One line per call, ``{"step": step, **values}``,
+    appended and closed at once (a crash loses at most the line being written); main process only."""
+
+    name = "jsonl"
+    requires_logging_directory = False
+
+    def __init__(self, run_dir: str | os.PathLike):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+
+    @property
+    def tracker(self) -> Path:
+        return self.run_dir / METRICS
+
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        append_metrics(self.run_dir, {"step": step, **values})
 
 
 def plot_loss_curve(

@@ -26,7 +26,7 @@ import torch
 from . import checkpoint as ckpt
 from . import run_files
 from .logs import quiet_save, setup_logging
-from .metrics import flops_per_token, peak_flops, plot_loss_curve
+from .metrics import JsonlTracker, flops_per_token, peak_flops, plot_loss_curve
 from .optim import build_optimizer, check_optimizer_mode, set_lr
 from .recipe import Recipe, RecipeError, build_recipe, load_recipe
 from .run_files import TrainerState
@@ -98,7 +98,7 @@ class Trainer:
 
         r, t = self.recipe, self.recipe.training
         self.output_dir = Path(t.output_dir)
-        log_with = [x for x in t.report_to if x != "none"] or None
+        trackers = [x for x in t.report_to if x != "none"]  # besides metrics.jsonl, which every run writes
         mp = "bf16" if t.bf16 else "fp16" if t.fp16 else None  # None: the launch config decides
         from accelerate.utils import InitProcessGroupKwargs
 
@@ -112,7 +112,7 @@ class Trainer:
             kwargs_handlers=[pg_kwargs],
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=mp,
-            log_with=log_with,
+            log_with=[JsonlTracker(self.output_dir), *trackers],
             project_dir=str(self.output_dir),
             cpu=wants_cpu(self.launch),  # multi-process gloo on CPU (see parallel.wants_cpu)
         )
@@ -277,23 +277,26 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.output_dir / "recipe.yaml", self.recipe.to_yaml())
-        if log_with:
-            # trackers take scalars only (tensorboard's hparams refuse None and lists)
-            hparams = {
-                k: v if isinstance(v, int | float | str | bool) else str(v)
-                for k, v in self.recipe.flat().items()
-            }
-            # wandb's files live with the run, not in the working directory (unless WANDB_DIR says otherwise)
-            init_kwargs = {"wandb": {"dir": os.environ.get("WANDB_DIR", str(self.output_dir))}}
-            try:
-                acc.init_trackers(t.run_name or self.output_dir.name, config=hparams, init_kwargs=init_kwargs)
-            except Exception as e:
-                if "wandb" in log_with and "api key" in str(e).lower():
-                    raise RecipeError(
-                        "report_to includes wandb but wandb has no API key: run `wandb login`, set WANDB_API_KEY, "
-                        "or set WANDB_MODE=offline to log locally (sync later with `wandb sync`)"
-                    ) from None
-                raise
+        # trackers take scalars only (tensorboard's hparams refuse None and lists); metrics.jsonl needs none: the
+        # run directory holds recipe.yaml
+        hparams = {
+            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in self.recipe.flat().items()
+        }
+        # wandb's files live with the run, not in the working directory (unless WANDB_DIR says otherwise)
+        init_kwargs = {"wandb": {"dir": os.environ.get("WANDB_DIR", str(self.output_dir))}}
+        try:
+            acc.init_trackers(
+                t.run_name or self.output_dir.name,
+                config=hparams if trackers else None,
+                init_kwargs=init_kwargs,
+            )
+        except Exception as e:
+            if "wandb" in trackers and "api key" in str(e).lower():
+                raise RecipeError(
+                    "report_to includes wandb but wandb has no API key: run `wandb login`, set WANDB_API_KEY, "
+                    "or set WANDB_MODE=offline to log locally (sync later with `wandb sync`)"
+                ) from None
+            raise
         self._built = True
 
     def _build_ema(self, sharded: bool):
@@ -660,7 +663,6 @@ class Trainer:
         ):
             self.state.best_val_loss, self.state.best_step = out["val_loss"], self.state.step
         if self.is_main:
-            run_files.append_metrics(self.output_dir, out)
             for cb in self.callbacks:
                 cb.on_evaluate(self, out)
         self.accelerator.log({k: v for k, v in out.items() if k != "step"}, step=self.state.step)
@@ -777,7 +779,6 @@ class Trainer:
                     logs["skipped_steps"] = self.state.skipped_steps
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 if self.is_main:
-                    run_files.append_metrics(self.output_dir, logs)
                     for cb in self.callbacks:
                         cb.on_log(self, logs)
                 acc.log({k: v for k, v in logs.items() if k != "step"}, step=self.state.step)
@@ -908,16 +909,17 @@ class Trainer:
     def _push(self, *, background: bool, message: str) -> None:
         """Push the run to the Hub (main process). A failure is logged, never raised: training is never lost to it.
 
-        Checkpoint pushes run in a background thread so the next steps do not wait on the network; the final push
-        first waits for them, so the repo ends with the final model.
+        Pushes are jobs of huggingface_hub's background queue (``HfApi.run_as_future``: one worker, jobs run in the
+        order they were submitted), so checkpoint pushes do not hold up the next steps; the final push waits for its
+        own job, hence for every earlier one, so the repo ends with the final model.
         """
-        import threading
-
-        from .hub import push_run
+        from huggingface_hub import HfApi
 
         t = self.recipe.training
 
         def push() -> None:
+            from .hub import push_run
+
             try:
                 repo_id = t.hub_model_id or _default_repo_id(self.output_dir, t.hub_token)
                 url = push_run(
@@ -933,15 +935,11 @@ class Trainer:
                 logger.error("push to the Hub failed; the run is intact in %s. Retry with `gpt2-accel push %s "
                              "--repo-id ...`: %s", self.output_dir, self.output_dir, e)  # fmt: skip
 
-        previous = getattr(self, "_push_thread", None)
-        if previous is not None:
-            previous.join()  # one push at a time, in order
-        if background:
-            self._push_thread = threading.Thread(target=push, name="gpt2_accel-push", daemon=False)
-            self._push_thread.start()
-        else:
-            self._push_thread = None
-            push()
+        if getattr(self, "_hub_queue", None) is None:
+            self._hub_queue = HfApi(token=t.hub_token)
+        job = self._hub_queue.run_as_future(push)
+        if not background:
+            job.result()
 
     # ------------------------------------------------------------------------------------------------------------
     # preemption

@@ -250,7 +250,7 @@ def test_in_process_push_from_a_thread_private_with_one_resumable_checkpoint(
         except Exception as e:  # pragma: no cover - surfaced by the assert below
             result["error"] = e
 
-    t = threading.Thread(target=push)  # as the trainer does, off the training loop
+    t = threading.Thread(target=push)  # off the training loop, as the trainer does (huggingface_hub's worker)
     t.start()
     t.join(timeout=120)
     assert "error" not in result, result.get("error")
