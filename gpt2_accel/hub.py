@@ -425,7 +425,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _stage(run_dir: Path, staging: Path, repo_id: str, include_checkpoints: bool) -> Path | None:
-    """Fill ``staging`` with the files to upload; return the checkpoint staged (if any)."""
+    """Fill ``staging`` with the files to upload; return the checkpoint staged (if any).
+
+    Ours, not upload_folder's patterns: upload_folder uploads a folder as it is, and the repo is not the run
+    directory as it is (the model may come from checkpoints/step_N/model, recipe.yaml goes without secrets, the card
+    is generated), and hard links keep a checkpoint that save_total_limit prunes mid-upload readable.
+    """
     model_dir = model_dir_of(run_dir)
     for p in sorted(model_dir.iterdir()):
         if p.is_file() and not p.name.startswith(".") and p.name != "README.md":
