@@ -4,7 +4,8 @@ Layout of ``<output_dir>/checkpoints/step_00000100/``:
 
 - ``state/``: Accelerate's ``save_state`` (model, optimizer, per-process RNG); sharded for FSDP/DeepSpeed.
 - ``model/``: a Hugging Face model directory (consolidated safetensors, config, tokenizer, modeling code).
-- ``trainer_state.json``: step, tokens seen, best validation loss, skipped steps, world size.
+- ``trainer_state.json``: step, tokens seen, best validation loss, skipped steps, world size, wall time
+  (``run_files.TrainerState``).
 - ``data_state.json``: every rank's data position.
 - ``recipe.yaml``: the resolved recipe of the run that wrote it.
 - ``MANIFEST.json``: size and xxh3-64 hash of every file above, written after them and before ``COMPLETE``.
@@ -33,6 +34,7 @@ from typing import Any
 
 from .atomic import atomic_write_text, write_json  # noqa: F401  (ckpt.write_json: used by the trainer)
 from .atomic import fsync_dir as _fsync_dir
+from .run_files import METRICS, RECIPE, RUN_INFO, TRAINER_STATE, read_trainer_state
 
 logger = logging.getLogger("gpt2_accel")
 
@@ -164,7 +166,7 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 HASH = "xxh3_64"
 # Files resume needs besides the state directory; a COMPLETE marker without them is a damaged checkpoint. The model
 # export is a full model (config.json) or, for a LoRA run, a PEFT adapter (adapter_config.json).
-REQUIRED = ("trainer_state.json", "data_state.json")
+REQUIRED = (TRAINER_STATE, "data_state.json")
 MODEL_EXPORT = ("model/config.json", "model/adapter_config.json")
 
 
@@ -453,7 +455,7 @@ def check_output_dir(output_dir: str | os.PathLike, lock_name: str) -> None:
     if not out.is_dir():
         raise CheckpointError(f"output_dir {str(out)!r} is a file, not a directory; choose a directory path")
     entries = [p.name for p in out.iterdir() if not p.name.startswith(".")]
-    ours = {CHECKPOINTS, "recipe.yaml", "metrics.jsonl", "run_info.json", "model.safetensors"}
+    ours = {CHECKPOINTS, RECIPE, METRICS, RUN_INFO, "model.safetensors"}
     if entries and not ours.intersection(entries) and not (out / lock_name).exists():
         shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
         raise CheckpointError(
@@ -523,8 +525,8 @@ def _size(path: Path) -> int:
 def _val_loss(path: Path, step: int) -> float | None:
     """The validation loss measured at this checkpoint's step, if the run evaluated there."""
     try:
-        last = read_json(path / "trainer_state.json").get("last_eval") or {}
-    except (OSError, ValueError):
+        last = read_trainer_state(path).last_eval or {}
+    except (OSError, ValueError, TypeError):
         return None
     return last.get("val_loss") if last.get("step") == step else None
 

@@ -1,7 +1,7 @@
 """Console logging of the programs: progress, results and paths; third-party routine lines only at debug level.
 
-``setup_logging(level)`` is the one place that configures logging (the trainer calls it with the recipe's
-``log_level``, a TrainingArguments name). Routine lines that other libraries print on every save are demoted to
+``setup_logging(level)`` is the one place that configures logging (the training entry point,
+``gpt2_accel.train.configure_process``, calls it with the recipe's ``log_level``, a TrainingArguments name). Routine lines that other libraries print on every save are demoted to
 DEBUG, so ``log_level: debug`` still shows them and nothing is dropped for users who ask for verbosity. Real
 warnings of those libraries are untouched.
 """

@@ -1,8 +1,7 @@
-"""What a run reports: FLOPs and MFU, ``metrics.jsonl``, and the loss-curve plot."""
+"""What a run reports: FLOPs and MFU, the ``metrics.jsonl`` tracker, and the loss-curve plot."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from functools import cache
@@ -10,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.tracking import GeneralTracker
+
+from .run_files import METRICS, append_metrics, read_metrics
 
 # Dense peak throughput per device in FLOP/s, from the vendors' data sheets (no sparsity).
 # A100 SXM: 312 TFLOPS bf16/fp16, 156 tf32 (NVIDIA A100 datasheet). H100 SXM: 989 bf16, 495 tf32 (H100 datasheet).
@@ -60,38 +62,24 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     return measured_cpu_matmul_flops(), "measured fp32 matmul on this CPU"
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (main process only), flushed at every line."""
+class JsonlTracker(GeneralTracker):
+    """``metrics.jsonl`` as an Accelerate tracker: one ``accelerator.log(values, step)`` call writes it together
+    with TensorBoard, W&B or any other tracker of ``report_to``. One line per call, ``{"step": step, **values}``,
+    appended and closed at once (a crash loses at most the line being written); main process only."""
 
-    def __init__(self, path: str | os.PathLike, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
+    name = "jsonl"
+    requires_logging_directory = False
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines logged after ``step`` (by a run that was killed after its last checkpoint)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line and json.loads(line).get("step", 0) <= step
-        ]
-        from .atomic import atomic_write_text
+    def __init__(self, run_dir: str | os.PathLike):
+        super().__init__()
+        self.run_dir = Path(run_dir)
 
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+    @property
+    def tracker(self) -> Path:
+        return self.run_dir / METRICS
 
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        append_metrics(self.run_dir, {"step": step, **values})
 
 
 def plot_loss_curve(

@@ -269,6 +269,11 @@ class TrainingArguments:
         100,
         "Write the EMA snapshots every this many steps (and at the end); each is len(ema_sigma_rels) models.",
     )
+    license: str = _f(
+        "mit",
+        "Licence of the trained model (a Hub licence id: mit, apache-2.0, other...); recorded in run_info.json "
+        "and shown in the model card's metadata. Mind the licence of the data and of init_from.",
+    )
 
 
 @dataclass

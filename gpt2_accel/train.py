@@ -6,9 +6,9 @@ The launch target users and the README name; the command itself is :mod:`gpt2_ac
 
 from __future__ import annotations
 
-from .cli.train import main
+from .cli.train import configure_process, main
 
-__all__ = ["main"]
+__all__ = ["configure_process", "main"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,4 +1,9 @@
-"""The training loop: one linear function around Accelerate, the only module that touches ``accelerator``.
+"""The training loop around Accelerate, the only module that touches ``accelerator``.
+
+``Trainer._train`` is the loop: one optimizer step (``_train_step``; the update itself is ``_optimizer_step``), then
+the logger, the validator and the checkpointer (gpt2_accel/loop.py) each decide whether they act at this step.
+``_build`` is the set-up, a sequence of small named steps. Process-wide settings (logging, TF32) belong to the
+program: ``gpt2_accel.train.configure_process``.
 
 ``Trainer(recipe).train()`` is what ``accelerate launch -m gpt2_accel.train recipe.yaml`` and
 ``gpt2-accel train`` run; scripts and notebooks use it directly (``Trainer.from_recipe_file(path, **overrides)``
@@ -13,12 +18,10 @@ import errno
 import logging
 import math
 import os
-import platform
 import re
 import shutil
 import signal
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,11 +29,14 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import run_files
 from .locate import OPENAI_GPT2
-from .logs import quiet_save, setup_logging
-from .metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
+from .logs import quiet_save
+from .loop import Periodic, TrainLogger
+from .metrics import JsonlTracker, flops_per_token, peak_flops, plot_loss_curve
 from .optim import build_optimizer, check_optimizer_mode, set_lr
 from .recipe import Recipe, RecipeError, build_recipe, load_recipe
+from .run_files import TrainerState
 
 logger = logging.getLogger("gpt2_accel")
 
@@ -52,19 +58,6 @@ class TrainerCallback:
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm was NaN/inf (on_nonfinite='error')."""
-
-
-@dataclass
-class TrainerState:
-    """What, besides model/optimizer/RNG, a resumed run needs: saved as trainer_state.json."""
-
-    step: int = 0  # optimizer steps completed
-    tokens_seen: int = 0
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    skipped_steps: int = 0
-    world_size: int = 1
-    last_eval: dict[str, Any] | None = None  # the latest evaluation results, for the final report
 
 
 class Trainer:
@@ -105,37 +98,64 @@ class Trainer:
             raise
 
     def _build(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedType, set_seed
+        """Building, in order; each step uses what the ones before made. Data comes before the model: a missing
+        file, a bad column or an empty dataset is reported before any weights are built or downloaded."""
+        from accelerate.utils import set_seed
 
-        r, t = self.recipe, self.recipe.training
-        self.output_dir = Path(t.output_dir)
-        log_with = [x for x in t.report_to if x != "none"] or None
-        mp = "bf16" if t.bf16 else "fp16" if t.fp16 else None  # None: the launch config decides
+        self._build_accelerator()
+        self._claim_output_dir()
+        self._configure_launch()
+        resume_dir = self._find_resume_dir()
+        if resume_dir is not None:
+            from .lora import check_resume
+
+            check_resume(resume_dir, self.recipe.peft.use_peft)
+        set_seed(
+            self.recipe.training.seed
+        )  # same init on every rank; per-rank RNG streams come back on resume
+        self._build_data(resume_dir)
+        self._build_training_model(resume_dir)
+        self._build_optimizer_and_prepare()
+        self._resume_or_start(resume_dir)
+        self._init_trackers()
+        self._built = True
+
+    def _build_accelerator(self) -> None:
+        from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
         from .parallel import launch_request, process_group_backend, wants_cpu
 
+        t = self.recipe.training
+        self.output_dir = Path(t.output_dir)
+        self.trackers = [
+            x for x in t.report_to if x != "none"
+        ]  # besides metrics.jsonl, which every run writes
         self.launch = launch_request()  # what accelerate launch / torchrun was asked for
-        backend = process_group_backend(self.launch)
         # A dead or hung rank fails the others' collectives after ddp_timeout instead of blocking them for ever.
-        pg_kwargs = InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=t.ddp_timeout))
+        pg_kwargs = InitProcessGroupKwargs(
+            backend=process_group_backend(self.launch), timeout=timedelta(seconds=t.ddp_timeout)
+        )
         self.accelerator = acc = Accelerator(
             kwargs_handlers=[pg_kwargs],
             gradient_accumulation_steps=t.gradient_accumulation_steps,
-            mixed_precision=mp,
-            log_with=log_with,
+            mixed_precision="bf16"
+            if t.bf16
+            else "fp16"
+            if t.fp16
+            else None,  # None: the launch config decides
+            log_with=[JsonlTracker(self.output_dir), *self.trackers],
             project_dir=str(self.output_dir),
             cpu=wants_cpu(self.launch),  # multi-process gloo on CPU (see parallel.wants_cpu)
         )
         self._check_world(acc)
         self.is_main = acc.is_main_process
-        setup_logging(t.log_level, main_process=self.is_main)
-        self._claim_output_dir()
-        if acc.device.type == "cuda":
-            # fp32 matmuls on tensor cores (tf32), as nanoGPT does; bf16/fp16 runs are unaffected
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+
+    def _configure_launch(self) -> None:
+        """Log the launch; hand our batch settings to DeepSpeed; refuse what this launch cannot run."""
+        from accelerate.utils import DistributedType
+
+        acc, r, t = self.accelerator, self.recipe, self.recipe.training
         dist = acc.distributed_type
         logger.info(
             "launch: distributed_type=%s processes=%d machines=%s mixed_precision=%s device=%s",
@@ -173,19 +193,13 @@ class Trainer:
             )
         elif dist == DistributedType.FSDP:
             check_optimizer_mode(t, "fsdp", f" (from {self.launch.source or 'the launch'})")
-        resume_dir = self._find_resume_dir()
-        if resume_dir is not None:
-            from .lora import check_resume
 
-            check_resume(resume_dir, r.peft.use_peft)
-        # same init on every rank; per-rank RNG streams come back from the checkpoint on resume
-        set_seed(t.seed)
-
+    def _build_data(self, resume_dir: Path | None) -> None:
+        """Tokenizer, block size, batch and step counts, the training loader and the validation windows."""
         from .data import build_eval_windows, build_train_loader, check_block_size
         from .tokenization import get_tokenizer
 
-        # Data first: a missing file, a bad column or an empty dataset is reported before any weights are built
-        # or downloaded.
+        acc, r, t = self.accelerator, self.recipe, self.recipe.training
         self.tokenizer = get_tokenizer(r.data.tokenizer_name)
         n_positions = self._model_n_positions(resume_dir)
         self.block_size = r.data.block_size or n_positions
@@ -223,12 +237,18 @@ class Trainer:
                 "no validation data (validation_split_percentage=0 and no validation split): no evals"
             )
 
+    def _build_training_model(self, resume_dir: Path | None) -> None:
+        """The model to train (with LoRA / a distillation teacher as the recipe says), not yet prepared."""
+        from accelerate.utils import DistributedType
+
+        acc, r, t = self.accelerator, self.recipe, self.recipe.training
         self.model = self._build_model(resume_dir)
         cfg = self.model.config
         # The chunked LM head + loss never materialises the (B*T, vocab) logits (modeling: skip_logits). It reads
         # the tied weight inside forward, which ZeRO-3 and FSDP would have re-sharded after the embedding ran.
         sharded = self._deepspeed and acc.state.deepspeed_plugin.zero_stage == 3
-        sharded |= dist == DistributedType.FSDP
+        sharded |= acc.distributed_type == DistributedType.FSDP
+        self._sharded = sharded
         self.skip_logits = not sharded
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise RecipeError(
@@ -251,6 +271,9 @@ class Trainer:
         if r.peft.use_peft:
             self.model = self._wrap_lora(resume_dir)
 
+    def _build_optimizer_and_prepare(self) -> None:
+        """The optimizer, ``accelerator.prepare`` (the one seam to DDP / FSDP / DeepSpeed), the EMAs, the FLOP count."""
+        acc, t, cfg = self.accelerator, self.recipe.training, self.model.config
         # Counted before prepare: ZeRO-3 / FSDP leave each rank only its shard of every parameter.
         wpe = self.model.transformer.wpe  # None with rotary positions
         n_params = sum(p.numel() for p in self.model.parameters()) - (
@@ -265,7 +288,7 @@ class Trainer:
             # on every rank, never prepared (no DDP wrapper, no optimizer), in the student's dtype
             dtype = next(self.model_engine.parameters()).dtype
             self.teacher.to(device=acc.device, dtype=dtype)
-        self.ema = self._build_ema(sharded)
+        self.ema = self._build_ema(self._sharded)
 
         self.flops_per_token = flops_per_token(n_params, cfg.n_layer, cfg.n_embd, self.block_size)
         precision = acc.mixed_precision if acc.mixed_precision in ("bf16", "fp16") else "fp32"
@@ -282,32 +305,38 @@ class Trainer:
             self.max_steps,
         )
 
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=self.is_main)
+    def _resume_or_start(self, resume_dir: Path | None) -> None:
+        """Load the checkpoint to resume from, or start a fresh metrics.jsonl; save the recipe with the run."""
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
         elif self.is_main:
-            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.output_dir / run_files.METRICS).unlink(missing_ok=True)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_text(self.output_dir / "recipe.yaml", self.recipe.to_yaml())
-        if log_with:
-            # trackers take scalars only (tensorboard's hparams refuse None and lists)
-            hparams = {
-                k: v if isinstance(v, int | float | str | bool) else str(v)
-                for k, v in self.recipe.flat().items()
-            }
-            # wandb's files live with the run, not in the working directory (unless WANDB_DIR says otherwise)
-            init_kwargs = {"wandb": {"dir": os.environ.get("WANDB_DIR", str(self.output_dir))}}
-            try:
-                acc.init_trackers(t.run_name or self.output_dir.name, config=hparams, init_kwargs=init_kwargs)
-            except Exception as e:
-                if "wandb" in log_with and "api key" in str(e).lower():
-                    raise RecipeError(
-                        "report_to includes wandb but wandb has no API key: run `wandb login`, set WANDB_API_KEY, "
-                        "or set WANDB_MODE=offline to log locally (sync later with `wandb sync`)"
-                    ) from None
-                raise
-        self._built = True
+            ckpt.atomic_write_text(self.output_dir / run_files.RECIPE, self.recipe.to_yaml())
+
+    def _init_trackers(self) -> None:
+        t, trackers = self.recipe.training, self.trackers
+        # trackers take scalars only (tensorboard's hparams refuse None and lists); metrics.jsonl needs none: the
+        # run directory holds recipe.yaml
+        hparams = {
+            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in self.recipe.flat().items()
+        }
+        # wandb's files live with the run, not in the working directory (unless WANDB_DIR says otherwise)
+        init_kwargs = {"wandb": {"dir": os.environ.get("WANDB_DIR", str(self.output_dir))}}
+        try:
+            self.accelerator.init_trackers(
+                t.run_name or self.output_dir.name,
+                config=hparams if trackers else None,
+                init_kwargs=init_kwargs,
+            )
+        except Exception as e:
+            if "wandb" in trackers and "api key" in str(e).lower():
+                raise RecipeError(
+                    "report_to includes wandb but wandb has no API key: run `wandb login`, set WANDB_API_KEY, "
+                    "or set WANDB_MODE=offline to log locally (sync later with `wandb sync`)"
+                ) from None
+            raise
 
     def _build_ema(self, sharded: bool):
         """The post-hoc EMAs (gpt2_accel/ema.py), kept by the main process; None when ema_sigma_rels is off."""
@@ -534,8 +563,7 @@ class Trainer:
             path / "state", {k: tuple(v.shape) for k, v in unwrapped.state_dict().items()}
         )
         acc.load_state(str(path / "state"))
-        st = ckpt.read_json(path / "trainer_state.json")
-        self.state = TrainerState(**st)
+        self.state = run_files.read_trainer_state(path)
         # load_state restores Accelerate's micro-step counter, which decides where accumulation syncs; a run that
         # resumes with another gradient_accumulation_steps (e.g. 2 processes -> 1 process x 2 micro-batches) would
         # otherwise sync in the middle of a step. Checkpoints are written at step boundaries: realign to one.
@@ -552,7 +580,8 @@ class Trainer:
             drop_snapshots_after(self.output_dir, self.state.step)
         data_state = ckpt.read_json(path / "data_state.json")
         self.train_loader.load_state_dict(data_state["ranks"])
-        self.metrics.truncate_after(self.state.step)
+        if self.is_main:
+            run_files.truncate_metrics(self.output_dir, self.state.step)
         logger.info(
             "resumed from %s at step %d (%d tokens seen)", path, self.state.step, self.state.tokens_seen
         )
@@ -587,7 +616,8 @@ class Trainer:
         self._export_model(tmp / "model")
         if self.is_main:
             self.state.world_size = acc.num_processes
-            ckpt.write_json(tmp / "trainer_state.json", self.state.__dict__)
+            self._record_wall_time()
+            run_files.write_trainer_state(tmp, self.state)
             ckpt.write_json(tmp / "data_state.json", {"world_size": acc.num_processes, "ranks": data_states})
             ckpt.write_json(tmp / "recipe.json", self.recipe.flat())
             if self.ema is not None:
@@ -672,7 +702,6 @@ class Trainer:
         ):
             self.state.best_val_loss, self.state.best_step = out["val_loss"], self.state.step
         if self.is_main:
-            self.metrics.write(out)
             for cb in self.callbacks:
                 cb.on_evaluate(self, out)
         self.accelerator.log({k: v for k, v in out.items() if k != "step"}, step=self.state.step)
@@ -697,137 +726,141 @@ class Trainer:
             self._close()  # completed, stopped by a signal, or raised: the data workers stop, the lock is released
 
     def _train(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
+        """The loop: one optimizer step, then each component decides whether it acts at this step."""
+        t, start_step = self.recipe.training, self.state.step
+        self._begin_training()
+        data_iter = iter(self.train_loader)
+        bar = self._progress_bar()
+        log = self._train_logger()
+        validator = Periodic(t.eval_steps, self.evaluate)
+        checkpointer = Periodic(t.save_steps, self.save_checkpoint)
+        while self.state.step < self.max_steps:
+            lr = set_lr(self.optimizer, self.state.step, t, self.max_steps)
+            step_loss, grad_norm = self._train_step(data_iter)
+            log.add(step_loss)
+            bar.update(1)
+            step = self.state.step
+            if log.should_log(step):
+                self._log(log, bar, lr, grad_norm)
+            if validator.maybe(step):
+                log.pause()
+            if checkpointer.maybe(step):
+                log.pause()
+            if self._should_stop():
+                bar.close()
+                if not checkpointer.done_at(step):
+                    checkpointer.run(step)
+                logger.info("stopped by signal at step %d; checkpoint written, relaunch to resume", step)
+                return {"step": step, "stopped": True}
+        bar.close()
+        # The signal handlers stay until train() returns: a SIGTERM during the final save lets it finish whole.
+        return self._end_training(start_step, validator, checkpointer)
 
-        acc, t = self.accelerator, self.recipe.training
-        model, opt = self.model_engine, self.optimizer
-        ga = t.gradient_accumulation_steps
-        params = [p for p in model.parameters() if p.requires_grad]
+    def _begin_training(self) -> None:
         for cb in self.callbacks:
             cb.on_train_begin(self)
-        data_iter = iter(self.train_loader)
-        bar = tqdm(
-            total=self.max_steps, initial=self.state.step, disable=not self.is_main, desc="train", unit="step"
-        )
         self._install_signal_handlers()
-        model.train()
-        loss_sum = torch.zeros(
-            (), device=acc.device
-        )  # summed over steps since the last log (device, no sync)
-        steps_since_log, t_log, loss_ema = 0, time.perf_counter(), None
-        last_eval, last_save = None, None
-        start_step = self.state.step
-        if start_step >= self.max_steps:
+        self.model_engine.train()
+        self._clock = (time.perf_counter(), self.state.wall_time_s)  # wall time so far, summed over resumes
+        if self.state.step >= self.max_steps:
             logger.info(
                 "already complete at step %d (max_steps=%d): nothing to do; raise max_steps to continue",
-                start_step,
+                self.state.step,
                 self.max_steps,
             )
 
-        while self.state.step < self.max_steps:
-            step = self.state.step
-            lr = set_lr(opt, step, t, self.max_steps)
-            step_loss = torch.zeros((), device=acc.device)
-            for _ in range(ga):
-                batch = next(data_iter).to(acc.device, non_blocking=True)  # (B, T + 1)
-                with acc.accumulate(model):
-                    loss = self._loss(model, batch)
-                    acc.backward(loss)
-                    step_loss += loss.detach() / ga
-                    if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(
-                            params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-                        )
-                        if grad_norm is not None and not isinstance(grad_norm, torch.Tensor):
-                            grad_norm = torch.tensor(float(grad_norm))  # DeepSpeed reports a float
-                        # One host sync per step: the guard must run before the update.
-                        finite = torch.isfinite(step_loss) & (
-                            torch.isfinite(grad_norm)
-                            if isinstance(grad_norm, torch.Tensor)
-                            else torch.tensor(True)
-                        )
-                        if not bool(finite):
-                            self._nonfinite(step, step_loss, grad_norm, applied=self._deepspeed)
-                            opt.zero_grad(set_to_none=True)
-                            continue
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-            self.state.step += 1
-            self.state.tokens_seen += self.tokens_per_step
-            if self.ema is not None:
-                self.ema.after_step(self.state.step, self.max_steps, self.output_dir, t.ema_snapshot_steps)
-            loss_sum += step_loss
-            steps_since_log += 1
-            bar.update(1)
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
 
-            if self.state.step % t.logging_steps == 0 or self.state.step == self.max_steps:
-                mean_loss = acc.reduce(loss_sum / steps_since_log, reduction="mean").item()
-                dt = time.perf_counter() - t_log
-                tok_s = steps_since_log * self.tokens_per_step / dt
-                mfu = tok_s * self.flops_per_token / (self.peak_flops * acc.num_processes)
-                gn = float(grad_norm) if isinstance(grad_norm, torch.Tensor) else grad_norm
-                logs = {
-                    "step": self.state.step,
-                    "loss": mean_loss,
-                    "lr": lr,
-                    "grad_norm": gn,
-                    "tokens": self.state.tokens_seen,
-                    "tokens_per_sec": tok_s,
-                    "mfu": mfu,
-                }
-                if loss_ema is not None and self.state.step > t.warmup_steps and mean_loss > 1.5 * loss_ema:
-                    logs["loss_spike"] = True
-                    logger.warning(
-                        "loss spike at step %d: %.4f vs recent mean %.4f",
-                        self.state.step,
-                        mean_loss,
-                        loss_ema,
+        return tqdm(
+            total=self.max_steps, initial=self.state.step, disable=not self.is_main, desc="train", unit="step"
+        )
+
+    def _train_logger(self) -> TrainLogger:
+        t = self.recipe.training
+        return TrainLogger(
+            logging_steps=t.logging_steps,
+            max_steps=self.max_steps,
+            warmup_steps=t.warmup_steps,
+            tokens_per_step=self.tokens_per_step,
+            flops_per_token=self.flops_per_token,
+            peak_flops=self.peak_flops,
+            num_processes=self.accelerator.num_processes,
+            device=self.accelerator.device,
+        )
+
+    def _train_step(self, data_iter) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step: forward/backward over the gradient_accumulation_steps micro-batches, clip, the
+        non-finite guard, the update. Returns the step's loss (a device tensor) and the gradient norm."""
+        acc, t = self.accelerator, self.recipe.training
+        model, ga, step = self.model_engine, t.gradient_accumulation_steps, self.state.step
+        step_loss = torch.zeros((), device=acc.device)
+        grad_norm = None
+        for _ in range(ga):
+            batch = next(data_iter).to(acc.device, non_blocking=True)  # (B, T + 1)
+            with acc.accumulate(model):
+                loss = self._loss(model, batch)
+                acc.backward(loss)
+                step_loss += loss.detach() / ga
+                if acc.sync_gradients:
+                    grad_norm = self._clip_grad_norm()
+                    # One host sync per step: the guard must run before the update.
+                    finite = torch.isfinite(step_loss) & (
+                        torch.isfinite(grad_norm)
+                        if isinstance(grad_norm, torch.Tensor)
+                        else torch.tensor(True)
                     )
-                loss_ema = mean_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * mean_loss
-                if self.state.skipped_steps:
-                    logs["skipped_steps"] = self.state.skipped_steps
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                if self.is_main:
-                    self.metrics.write(logs)
-                    for cb in self.callbacks:
-                        cb.on_log(self, logs)
-                acc.log({k: v for k, v in logs.items() if k != "step"}, step=self.state.step)
-                loss_sum.zero_()
-                steps_since_log, t_log = 0, time.perf_counter()
+                    if bool(finite):
+                        self._optimizer_step()
+                    else:
+                        self._nonfinite(step, step_loss, grad_norm, applied=self._deepspeed)
+                        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens_seen += self.tokens_per_step
+        if self.ema is not None:
+            self.ema.after_step(self.state.step, self.max_steps, self.output_dir, t.ema_snapshot_steps)
+        return step_loss, grad_norm
 
-            if t.eval_steps and self.state.step % t.eval_steps == 0:
-                self.evaluate()
-                last_eval = self.state.step
-                t_log = time.perf_counter()  # evaluation time is not training throughput
-            if t.save_steps and self.state.step % t.save_steps == 0:
-                self.save_checkpoint()
-                last_save = self.state.step
-                t_log = time.perf_counter()
-            if self._should_stop():
-                bar.close()
-                if last_save != self.state.step:
-                    self.save_checkpoint()
-                logger.info(
-                    "stopped by signal at step %d; checkpoint written, relaunch to resume", self.state.step
-                )
-                return {"step": self.state.step, "stopped": True}
+    def _clip_grad_norm(self) -> torch.Tensor | None:
+        """Clip to max_grad_norm (0: no clipping) and return the norm before clipping."""
+        max_norm = self.recipe.training.max_grad_norm
+        params = [p for p in self.model_engine.parameters() if p.requires_grad]
+        grad_norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if grad_norm is not None and not isinstance(grad_norm, torch.Tensor):
+            grad_norm = torch.tensor(float(grad_norm))  # DeepSpeed reports a float
+        return grad_norm
 
-        bar.close()
-        # The signal handlers stay until train() returns: a SIGTERM during the final save lets it finish whole.
-        final: dict[str, Any] = {"step": self.state.step}
+    def _optimizer_step(self) -> None:
+        """The update of one optimizer step (after clipping and the non-finite guard)."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _log(self, log: TrainLogger, bar, lr: float, grad_norm) -> None:
+        """A training line: metrics.jsonl and every tracker (one accelerator.log call), the callbacks, the bar."""
+        mean_loss = self.accelerator.reduce(log.local_mean(), reduction="mean").item()
+        logs = log.line(self.state.step, mean_loss, lr, grad_norm, self.state.tokens_seen)
+        if self.state.skipped_steps:
+            logs["skipped_steps"] = self.state.skipped_steps
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{logs['tokens_per_sec']:,.0f}")
+        if self.is_main:
+            for cb in self.callbacks:
+                cb.on_log(self, logs)
+        self.accelerator.log({k: v for k, v in logs.items() if k != "step"}, step=self.state.step)
+
+    def _end_training(self, start_step: int, validator: Periodic, checkpointer: Periodic) -> dict[str, Any]:
+        """The final evaluation, checkpoint and export, unless this run trained nothing and the export exists."""
+        step = self.state.step
+        final: dict[str, Any] = {"step": step}
         exported = any(
             (self.output_dir / f).exists() for f in ("model.safetensors", "adapter_model.safetensors")
         )
-        if self.state.step > start_step or not exported:
-            if last_eval != self.state.step:
-                final.update(self.evaluate())
-            else:
-                final.update(self.state.last_eval or {})
-            if last_save != self.state.step:
-                self.save_checkpoint()
+        if step > start_step or not exported:
+            final.update((self.state.last_eval or {}) if validator.done_at(step) else validator.run(step))
+            if not checkpointer.done_at(step):
+                checkpointer.run(step)
             self._finish(final)
-        for cb in self.callbacks:
-            if self.is_main:
+        if self.is_main:
+            for cb in self.callbacks:
                 cb.on_train_end(self, final)
         self.accelerator.end_training()
         return final
@@ -871,26 +904,35 @@ class Trainer:
         checksums = self._replica_checksums()
         if self.is_main:
             plot_loss_curve(
-                self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png", self.output_dir.name
+                self.output_dir / run_files.METRICS, self.output_dir / "loss_curve.png", self.output_dir.name
             )
-            results = {k: v for k, v in final.items() if k.startswith(("val_", "hellaswag_"))}
-            ckpt.write_json(self.output_dir / "eval_results.json", results)
-            ckpt.write_json(
-                self.output_dir / "run_info.json",
-                {
-                    "steps": self.state.step,
-                    "tokens_seen": self.state.tokens_seen,
-                    "world_size": acc.num_processes,
-                    "distributed_type": str(acc.distributed_type),
-                    "mixed_precision": acc.mixed_precision,
-                    "hardware": _hardware(acc.device),
-                    "skipped_steps": self.state.skipped_steps,
-                    "replica_checksums": checksums,
-                },
+            run_files.write_eval_results(self.output_dir, run_files.eval_results_of(final))
+            self._record_wall_time()
+            run_files.write_run_info(
+                self.output_dir,
+                run_files.RunInfo(
+                    steps=self.state.step,
+                    tokens_seen=self.state.tokens_seen,
+                    wall_time_s=self.state.wall_time_s,
+                    hardware=run_files.hardware_name(acc.device),
+                    device_type=acc.device.type,
+                    world_size=acc.num_processes,
+                    distributed_type=str(acc.distributed_type),
+                    mixed_precision=acc.mixed_precision,
+                    skipped_steps=self.state.skipped_steps,
+                    replica_checksums=checksums,
+                    license=t.license,
+                ),
             )
             if t.push_to_hub:
                 self._push(background=False, message=f"final model after {self.state.step} steps")
         acc.wait_for_everyone()
+
+    def _record_wall_time(self) -> None:
+        """Bring ``state.wall_time_s`` up to now: the time of this train() call plus that of earlier ones."""
+        clock = getattr(self, "_clock", None)
+        if clock is not None:
+            self.state.wall_time_s = clock[1] + time.perf_counter() - clock[0]
 
     def _replica_checksums(self) -> list[float] | None:
         """Every rank's float64 sum of its model weights (DDP: must be equal, i.e. the replicas stayed in sync).
@@ -910,16 +952,17 @@ class Trainer:
     def _push(self, *, background: bool, message: str) -> None:
         """Push the run to the Hub (main process). A failure is logged, never raised: training is never lost to it.
 
-        Checkpoint pushes run in a background thread so the next steps do not wait on the network; the final push
-        first waits for them, so the repo ends with the final model.
+        Pushes are jobs of huggingface_hub's background queue (``HfApi.run_as_future``: one worker, jobs run in the
+        order they were submitted), so checkpoint pushes do not hold up the next steps; the final push waits for its
+        own job, hence for every earlier one, so the repo ends with the final model.
         """
-        import threading
-
-        from .hub import push_run
+        from huggingface_hub import HfApi
 
         t = self.recipe.training
 
         def push() -> None:
+            from .hub import push_run
+
             try:
                 repo_id = t.hub_model_id or _default_repo_id(self.output_dir, t.hub_token)
                 url = push_run(
@@ -935,15 +978,11 @@ class Trainer:
                 logger.error("push to the Hub failed; the run is intact in %s. Retry with `gpt2-accel push %s "
                              "--repo-id ...`: %s", self.output_dir, self.output_dir, e)  # fmt: skip
 
-        previous = getattr(self, "_push_thread", None)
-        if previous is not None:
-            previous.join()  # one push at a time, in order
-        if background:
-            self._push_thread = threading.Thread(target=push, name="gpt2_accel-push", daemon=False)
-            self._push_thread.start()
-        else:
-            self._push_thread = None
-            push()
+        if getattr(self, "_hub_queue", None) is None:
+            self._hub_queue = HfApi(token=t.hub_token)
+        job = self._hub_queue.run_as_future(push)
+        if not background:
+            job.result()
 
     # ------------------------------------------------------------------------------------------------------------
     # preemption
@@ -1036,9 +1075,3 @@ def _default_repo_id(output_dir: Path, token: str | None) -> str:
     from huggingface_hub import HfApi
 
     return f"{HfApi(token=token).whoami()['name']}/{Path(output_dir).name}"
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

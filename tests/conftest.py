@@ -98,3 +98,26 @@ def config() -> GPT2AccelConfig:
 @pytest.fixture
 def model() -> GPT2AccelForCausalLM:
     return tiny_model()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run directory written by the real trainer (the files every reader of a run directory is tested against)
+# ---------------------------------------------------------------------------------------------------------------
+RUN_SECRET = "hf_SECRETrecipeTOKEN123456"  # the run's hub_token: no file a reader publishes may show it
+TRAINED_RUN_KEYS = dict(
+    n_layer=2, n_head=2, n_embd=32, n_positions=32, dataset_name="bundled:shakespeare", tokenizer_name="gpt2",
+    per_device_train_batch_size=2, per_device_eval_batch_size=4, max_eval_samples=4, dataloader_num_workers=0,
+    max_steps=3, learning_rate=6e-4, warmup_steps=1, logging_steps=1, eval_steps=2, save_steps=1,
+    save_total_limit=None, license="apache-2.0", hub_token=RUN_SECRET,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A run directory of a tiny model trained 3 steps by ``Trainer`` (checkpoints at steps 1, 2 and 3, an eval at
+    step 2 and at the end). Shared by the session: copy it before changing anything in it."""
+    from gpt2_accel.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("trained") / "tiny-run"
+    Trainer(**TRAINED_RUN_KEYS, output_dir=str(run)).train()
+    return run

@@ -501,6 +501,13 @@ def test_attention_recipes_load(path):
     assert recipe.data.dataset_name == "bundled:shakespeare"
 
 
-def test_recipes_exist():
-    names = {p.stem for p in RECIPES}
-    assert {"fork_1layer_1head", "gk_from_gpt2", "gk_scratch", "gkpoly_finetune", "pa_relu"} <= names
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_attention_recipes_build_models_of_their_attention(path):
+    """Each attention recipe's model section builds a model whose layers run the attention it names."""
+    from gpt2_accel.recipe import model_config
+
+    m = load_recipe(path).model
+    config = model_config(m, 128, 127)
+    config.update(dict(n_layer=min(m.n_layer, 2), n_embd=32, n_head=min(m.n_head, 2), n_positions=16))
+    model = GPT2AccelForCausalLM(config)
+    assert {block.attn.attn_type for block in model.transformer.h} == {m.attn_type}

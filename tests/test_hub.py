@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,84 +21,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2_accel import GPT2AccelConfig, GPT2AccelForCausalLM
-from gpt2_accel.hub import HubPushError, push_run, write_model_card
-from gpt2_accel.tokenization import get_tokenizer
+from gpt2_accel import GPT2AccelForCausalLM
+from gpt2_accel.hub import HubPushError, _hub_dataset_ids, push_run, write_model_card
+from gpt2_accel.run_files import hardware_name, last_logs, read_eval_results, read_run_info
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import RUN_SECRET
 from hub_server import HubTestServer
 
 pytestmark = pytest.mark.timeout(180)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECRET = "hf_SECRETrecipeTOKEN123456"
-PNG = bytes.fromhex("89504e470d0a1a0a") + b"\0fake png for the card test"
+SECRET = RUN_SECRET  # the hub_token the run was trained with
 
 
-def _make_run(d: Path, *, checkpoints: tuple[int, ...] = ()) -> Path:
-    torch.manual_seed(0)
-    model = GPT2AccelForCausalLM(
-        GPT2AccelConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
-    )
-    model.save_pretrained(d)
-    get_tokenizer("gpt2").save_pretrained(d)
-    (d / "recipe.yaml").write_text(
-        "model:\n  n_layer: 2\n  n_embd: 32\ndata:\n  dataset_name: HuggingFaceFW/fineweb-edu\n  tokenizer_name: gpt2\n"
-        f"training:\n  max_steps: 3\n  learning_rate: 0.0006\n  push_to_hub: true\n  hub_token: {SECRET}\n"
-    )
-    lines = [
-        {
-            "step": 1,
-            "loss": 10.9,
-            "lr": 6e-4,
-            "tokens": 1024,
-            "grad_norm": 1.0,
-            "tokens_per_sec": 1e4,
-            "mfu": 0.01,
-        },
-        {
-            "step": 3,
-            "loss": 10.25,
-            "lr": 6e-5,
-            "tokens": 3072,
-            "grad_norm": 0.9,
-            "tokens_per_sec": 1e4,
-            "mfu": 0.01,
-        },
-        {"step": 3, "val_loss": 10.5, "val_ppl": 36315.5, "hellaswag_acc": 0.25, "hellaswag_acc_norm": 0.26},
-    ]
-    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (d / "loss_curve.png").write_bytes(PNG)
-    (d / "run_info.json").write_text(
-        json.dumps(
-            {
-                "tokens_seen": 3072,
-                "hardware": "1x CPU",
-                "world_size": 1,
-                "mixed_precision": "no",
-                "steps": 3,
-                "wall_time_s": 12.0,
-            }
-        )
-    )
-    for step in checkpoints:
-        _add_checkpoint(d, step)
-    return d
-
-
-def _add_checkpoint(d: Path, step: int) -> Path:
-    ck = d / "checkpoints" / f"step_{step:08d}"
-    (ck / "model").mkdir(parents=True)
-    for f in (
-        "config.json",
-        "model.safetensors",
-        "configuration_gpt2_accel.py",
-        "modeling_gpt2_accel.py",
-        "attention.py",
-    ):
-        (ck / "model" / f).write_bytes((d / f).read_bytes())
-    (ck / "training_state.json").write_text(json.dumps({"step": step}))
-    (ck / "COMPLETE").touch()
-    return ck
+def _without_checkpoint(run: Path, step: int, aside: Path) -> Path:
+    """Move one committed checkpoint of ``run`` out of it (to ``aside``); return where it went."""
+    src = run / "checkpoints" / f"step_{step:08d}"
+    return Path(shutil.move(src, aside / src.name))
 
 
 def _tree_digest(d: Path) -> dict[str, str]:
@@ -112,9 +53,10 @@ def hub():
         yield server
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return _make_run(tmp_path_factory.mktemp("run") / "tiny-run", checkpoints=(2, 3))
+@pytest.fixture
+def run_dir(trained_run):
+    """The run directory a real (tiny) training run wrote; pushes only read it."""
+    return trained_run
 
 
 def _env(hub: HubTestServer, home: Path, **extra) -> dict[str, str]:
@@ -226,39 +168,78 @@ def test_push_then_load_with_and_without_the_package_gives_identical_logits(hub,
         )
 
 
-def test_model_card_has_hub_metadata_and_run_facts(run_dir, tmp_path):
-    import shutil
-
+def test_model_card_shows_what_the_run_recorded(trained_run, tmp_path):
     from huggingface_hub import ModelCard
 
     d = tmp_path / "run"
-    shutil.copytree(run_dir, d)
+    shutil.copytree(trained_run, d)
+    info, evals, (last_train, _) = read_run_info(d), read_eval_results(d), last_logs(d)
     path = write_model_card(d, "tester/tiny")
     assert path == d / "README.md"
     card = ModelCard.load(path)
     data = card.data
-    assert data.library_name == "transformers" and data.license == "mit"
-    assert data.datasets == ["HuggingFaceFW/fineweb-edu"]
+    assert data.library_name == "transformers" and data.license == info.license == "apache-2.0"
+    assert data.datasets is None  # bundled:shakespeare is not a Hub dataset id
     assert "gpt2_accel" in data.tags and data.pipeline_tag == "text-generation"
     metrics = {r.metric_type: r.metric_value for r in data.eval_results}
-    assert metrics == {"loss": 10.5, "perplexity": 36315.5, "accuracy": 0.26}
+    assert metrics == {"loss": evals["val_loss"], "perplexity": evals["val_ppl"]}
     text = card.text
     for fact in (
         "| n_layer | 2 |",
-        "| Final train loss | 10.2500 |",
-        "| Final validation loss | 10.5000 |",
-        "| Tokens seen | 3072 |",
-        "| Hardware | 1x CPU |",
+        "| n_embd | 32 |",
+        "| Optimizer steps | 3 |",
+        "| Tokens seen | 192 |",  # 3 steps x 2 windows x 32 tokens
+        f"| Final train loss | {last_train['loss']:.4f} |",
+        f"| Final validation loss | {evals['val_loss']:.4f} |",
+        f"| Hardware | {hardware_name(torch.device('cpu'))} |",
+        "| Processes (world size) | 1 |",
+        "| learning_rate | 0.0006 |",
         "![Training and validation loss](loss_curve.png)",
         'from_pretrained("tester/tiny", trust_remote_code=True)',
-        "HuggingFaceFW/fineweb-edu",
+        "bundled:shakespeare",
     ):
         assert fact in text, fact
+    wall = re.search(r"\| Wall time \| ([0-9.]+) s \|", text)
+    assert wall and info.wall_time_s > 0 and float(wall.group(1)) == round(info.wall_time_s, 1)
     assert SECRET not in card.content
 
 
-def test_in_process_push_from_a_thread_private_with_one_resumable_checkpoint(hub, tmp_path, no_xet):
-    run = _make_run(tmp_path / "run", checkpoints=(2,))
+def test_model_card_of_a_run_written_by_the_previous_version(trained_run, tmp_path):
+    """run_info.json of earlier versions had no wall time, device type or licence: the card still renders, with the
+    recipe's licence, and leaves out the wall time it cannot know."""
+    from huggingface_hub import ModelCard
+
+    d = tmp_path / "run"
+    shutil.copytree(trained_run, d)
+    old = json.loads((d / "run_info.json").read_text())
+    for key in ("wall_time_s", "license", "device_type"):
+        del old[key]
+    (d / "run_info.json").write_text(json.dumps(old))
+    card = ModelCard.load(write_model_card(d))
+    assert card.data.license == "apache-2.0"  # recipe.yaml's
+    assert "| Optimizer steps | 3 |" in card.text and "Wall time" not in card.text
+
+
+def test_only_hub_dataset_ids_go_to_the_card_metadata(tmp_path):
+    local = tmp_path / "mine.jsonl"
+    local.write_text("{}\n")
+    names = [
+        "HuggingFaceFW/fineweb-edu",
+        str(local),
+        "data/train.parquet",
+        "bundled:shakespeare",
+        "openwebtext",
+    ]
+    assert _hub_dataset_ids(names) == ["HuggingFaceFW/fineweb-edu", "openwebtext"]
+
+
+def test_in_process_push_from_a_thread_private_with_one_resumable_checkpoint(
+    hub, trained_run, tmp_path, no_xet
+):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (tmp_path / "aside").mkdir()
+    step3 = _without_checkpoint(run, 3, tmp_path / "aside")  # newest committed checkpoint: step 2
     result: dict = {}
 
     def push():
@@ -269,15 +250,20 @@ def test_in_process_push_from_a_thread_private_with_one_resumable_checkpoint(hub
         except Exception as e:  # pragma: no cover - surfaced by the assert below
             result["error"] = e
 
-    t = threading.Thread(target=push)  # as the trainer does, off the training loop
+    t = threading.Thread(target=push)  # off the training loop, as the trainer does (huggingface_hub's worker)
     t.start()
     t.join(timeout=120)
     assert "error" not in result, result.get("error")
     assert result["url"] == f"{hub.url}/tester/ckpt"
     assert hub.repos["tester/ckpt"].private
-    assert "checkpoints/step_00000002/training_state.json" in hub.files("tester/ckpt")
+    files = hub.files("tester/ckpt")
+    assert "checkpoints/step_00000002/trainer_state.json" in files
+    assert (
+        files["checkpoints/step_00000002/state/optimizer.bin"]
+        == (run / "checkpoints/step_00000002/state/optimizer.bin").read_bytes()
+    )
 
-    _add_checkpoint(run, 3)
+    shutil.move(step3, run / "checkpoints" / step3.name)
     push_run(run, "tester/ckpt", token=hub.token, include_checkpoints=True, endpoint=hub.url)
     ckpts = {f.split("/")[1] for f in hub.files("tester/ckpt") if f.startswith("checkpoints/")}
     assert ckpts == {"step_00000003"}  # the Hub keeps the newest resumable state only

@@ -32,9 +32,56 @@ def test_every_launch_config_is_a_valid_accelerate_config(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(path))  # accelerate's own parser: unknown/typo'd fields fail here
-    assert cfg.distributed_type is not None
     raw = yaml.safe_load(path.read_text())
     assert "num_processes" in raw and "distributed_type" in raw
+    # the mode the file is named for (cpu.yaml: MULTI_GPU is how Accelerate starts N CPU processes, see its header)
+    expected = {"cpu": "MULTI_GPU", "ddp": "MULTI_GPU", "deepspeed": "DEEPSPEED", "fsdp": "FSDP"}[
+        path.stem.split("_")[0]
+    ]
+    assert str(cfg.distributed_type).split(".")[-1] == expected
+    if expected == "DEEPSPEED":  # deepspeed_zero<N>[_offload].yaml
+        assert cfg.deepspeed_config["zero_stage"] == int(path.stem.split("_")[1].removeprefix("zero"))
+    assert cfg.num_machines == (2 if "multinode" in path.stem else 1)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
+def test_every_shipped_recipe_builds_its_model_config_and_optimizer(path):
+    """What the trainer builds from a recipe, built here: the model config (from scratch, or the keys applied to a
+    pretrained one) and the optimizer with the recipe's schedule, on a tiny model of the recipe's architecture."""
+    import torch
+
+    from gpt2_accel.optim import build_optimizer, set_lr
+    from gpt2_accel.recipe import model_config
+
+    r = load_recipe(path)
+    m, t = r.model, r.training
+    config = model_config(m, m.vocab_size or 50257, 50256)
+    assert (config.n_layer, config.n_head, config.n_embd, config.n_positions) == (
+        m.n_layer, m.n_head, m.n_embd, m.n_positions
+    )  # fmt: skip
+    assert (
+        config.attn_type == (m.attn_type or "SM")
+        and config.position_embedding_type == m.position_embedding_type
+    )
+    assert config.vocab_size >= (m.vocab_size or 50257) and config.eos_token_id == 50256
+
+    from gpt2_accel import GPT2AccelForCausalLM
+
+    shrink = dict(
+        n_layer=len(config.layer_types or [0, 0]), n_embd=64, n_head=4, n_positions=32, vocab_size=128
+    )
+    shrink.update(
+        n_kv_head=2 if m.n_kv_head else None, n_inner=None, sliding_window=8 if m.sliding_window else None
+    )
+    tiny = GPT2AccelForCausalLM(type(config)(**{**config.to_dict(), **shrink}))
+    opt = build_optimizer(tiny, t, "cpu")
+    lr = set_lr(opt, 0, t, t.max_steps)
+    assert lr == pytest.approx(t.learning_rate / t.warmup_steps if t.warmup_steps else t.learning_rate)
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in tiny.parameters() if p.requires_grad)  # every weight is trained
+    assert torch.isfinite(
+        tiny(torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long)).loss
+    )
 
 
 def test_overrides_both_spellings_and_types():
