@@ -295,6 +295,15 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def __getattr__(name: str):
+    # ``gpt2_accel.bench.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
+    if name == "main":
+        from .cli.bench import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if __name__ == "__main__":  # `python -m gpt2_accel.bench` runs the command, which lives in gpt2_accel/cli/
     from .cli.bench import main
 

@@ -623,6 +623,15 @@ def _load_ours(source: str) -> GPT2AccelForCausalLM:
     return model
 
 
+def __getattr__(name: str):
+    # ``gpt2_accel.convert.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
+    if name == "main":
+        from .cli.convert import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if __name__ == "__main__":  # `python -m gpt2_accel.convert` runs the command, which lives in gpt2_accel/cli/
     from .cli.convert import main
 

@@ -299,6 +299,15 @@ def export(
     return report
 
 
+def __getattr__(name: str):
+    # ``gpt2_accel.ema.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
+    if name == "main":
+        from .cli.ema import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if __name__ == "__main__":  # `python -m gpt2_accel.ema` runs the command, which lives in gpt2_accel/cli/
     from .cli.ema import main
 

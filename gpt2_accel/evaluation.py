@@ -463,6 +463,15 @@ def save_results(output: str | Path, result: dict) -> Path:
     return out
 
 
+def __getattr__(name: str):
+    # ``gpt2_accel.evaluation.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
+    if name == "main":
+        from .cli.eval import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if (
     __name__ == "__main__"
 ):  # `python -m gpt2_accel.evaluation` runs the command, which lives in gpt2_accel/cli/

@@ -530,6 +530,15 @@ def export(
     return _atomic_target(output, overwrite, gguf_file, is_dir=False)
 
 
+def __getattr__(name: str):
+    # ``gpt2_accel.export.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
+    if name == "main":
+        from .cli.export import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if __name__ == "__main__":  # `python -m gpt2_accel.export` runs the command, which lives in gpt2_accel/cli/
     from .cli.export import main
 

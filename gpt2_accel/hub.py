@@ -582,6 +582,15 @@ def push_run(
     return url
 
 
+def __getattr__(name: str):
+    # ``gpt2_accel.hub.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
+    if name == "main":
+        from .cli.push import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if __name__ == "__main__":  # `python -m gpt2_accel.hub` runs the command, which lives in gpt2_accel/cli/
     from .cli.push import main
 

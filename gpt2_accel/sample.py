@@ -169,6 +169,15 @@ def generate_samples(
     return texts
 
 
+def __getattr__(name: str):
+    # ``gpt2_accel.sample.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
+    if name == "main":
+        from .cli.sample import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if __name__ == "__main__":  # `python -m gpt2_accel.sample` runs the command, which lives in gpt2_accel/cli/
     from .cli.sample import main
 

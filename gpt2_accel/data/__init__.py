@@ -61,3 +61,12 @@ __all__ = [
     "resolve_source",
     "write_shard",
 ]
+
+
+def __getattr__(name: str):
+    # ``gpt2_accel.data.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
+    if name == "main":
+        from ..cli.prepare import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
