@@ -28,7 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from .logs import quiet_save, setup_logging
 from .metrics import MetricsWriter, flops_per_token, peak_flops, plot_loss_curve
-from .optim import build_optimizer, check_optimizer_mode, set_lr
+from .optim import attach_forced_weight_norm, build_optimizer, check_optimizer_mode, set_lr
 from .recipe import Recipe, RecipeError, build_recipe, load_recipe
 
 logger = logging.getLogger("gpt2_accel")
@@ -258,6 +258,7 @@ class Trainer:
             wpe.weight.numel() if wpe is not None else 0
         )
         self.optimizer = build_optimizer(self.model, t, acc.device.type)
+        attach_forced_weight_norm(self.model, self.optimizer, dist.value)  # EDM2 models only
         model = self.model
         if t.torch_compile:
             model = torch.compile(model)
