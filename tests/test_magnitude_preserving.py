@@ -120,10 +120,17 @@ def test_forward_matches_a_float64_reference(options):
         out = model(ids, labels=ids)
     ref = _reference_logits(model, ids)
     torch.testing.assert_close(out.logits.double(), ref, rtol=0, atol=2e-5)
-    # the chunked loss path reads the same normalised, gained head
-    with torch.no_grad():
-        fused = model(ids, labels=ids, skip_logits=True).loss
-    torch.testing.assert_close(fused, out.loss, rtol=1e-5, atol=1e-5)
+    # the chunked loss path (the trainer's) reads the same normalised, gained head: same loss, same gradients
+    grads = []
+    for skip in (False, True):
+        model.zero_grad()
+        loss = model(ids, labels=ids, skip_logits=skip).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]["lm_head.gain"].abs() > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
     assert "lm_head.gain" in dict(model.named_parameters()) and not any(
         n.endswith(".bias") for n, _ in model.named_parameters()
     )
