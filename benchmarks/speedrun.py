@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             else:  # one after the other: the candidate stops at the target
                 b = _start_arm(a.baseline, baseline_ov, a.target, None, tmpd, f"baseline{i}")
                 base = _collect(b, "baseline", a.timeout)
+                if a.target is None:  # the baseline's final loss is the target: it reaches it at its end
+                    base["reached"] = base["final"]
                 target = a.target if a.target is not None else base["final"]["val_loss"]
                 c = _start_arm(a.candidate, overrides, target, a.eval_every, tmpd, f"speedrun{i}")
                 cand = _collect(c, "candidate", a.timeout)
