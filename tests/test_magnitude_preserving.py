@@ -1,6 +1,7 @@
 """EDM2 magnitude preservation (``magnitude_preserving: true``; Karras et al. 2023, arXiv:2312.02696): the forward
 against a float64 model written from the paper's formulas, activation magnitudes at init and after training, the
-forced weight normalisation after real optimizer and trainer steps (one process and DDP), exact reloads, the
+forced weight normalisation after real optimizer and trainer steps (one process and DDP), exact reloads and
+resumes, the
 inverse-sqrt schedule, and the refusals."""
 
 from __future__ import annotations
@@ -323,3 +324,23 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     torch.testing.assert_close(_logits(run), _logits(ref), rtol=0, atol=5e-3)
     sums = json.loads((run / "run_info.json").read_text())["replica_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]  # both ranks re-normalised identically
+
+
+def test_resume_continues_bitwise(tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    from gpt2_accel.trainer import Trainer
+
+    keys = {**TRAIN, "save_steps": 2}
+    Trainer(**keys, output_dir=str(tmp_path / "straight")).train()
+    Trainer(**{**keys, "max_steps": 2}, output_dir=str(tmp_path / "resumed")).train()
+    with caplog.at_level("INFO", logger="gpt2_accel"):
+        Trainer(
+            **keys, output_dir=str(tmp_path / "resumed")
+        ).train()  # resume_from_checkpoint=auto: steps 3-4
+    assert "resumed from" in caplog.text and "at step 2" in caplog.text
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and "lm_head.gain" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
