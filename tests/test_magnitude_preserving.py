@@ -1,8 +1,7 @@
 """EDM2 magnitude preservation (``magnitude_preserving: true``; Karras et al. 2023, arXiv:2312.02696): the forward
 against a float64 model written from the paper's formulas, activation magnitudes at init and after training, the
 forced weight normalisation after real optimizer and trainer steps (one process and DDP), exact reloads and
-resumes, the
-inverse-sqrt schedule, and the refusals."""
+resumes, the inverse-sqrt schedule, and the refusals."""
 
 from __future__ import annotations
 
