@@ -3,6 +3,7 @@
     python benchmarks/speedrun.py                                    # recipes/demo.yaml vs recipes/speedrun.yaml
     python benchmarks/speedrun.py --candidate recipes/demo.yaml --set optim=muon   # one ablation row
     python benchmarks/speedrun.py --repeats 2                        # B C B C, interleaved: noise hits both
+    python benchmarks/speedrun.py --candidate_only --target 5.65 --set max_steps=150   # an ablation: no baseline
 
 The baseline (``recipes/demo.yaml``, unchanged) trains to its end; its final validation loss is the target (or
 ``--target``). The candidate evaluates every ``--eval_every`` steps and stops at the first evaluation at or below
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                         "its evaluation curve gives the time to the target)")  # fmt: skip
     p.add_argument("--target", type=float, default=None,
                    help="validation loss to reach; default: the baseline's final validation loss")  # fmt: skip
+    p.add_argument("--candidate_only", action="store_true",
+                   help="run only the candidate to --target (ablations on a busy machine: compare candidates by "
+                        "tokens to the target; the ratio needs the baseline)")  # fmt: skip
     p.add_argument("--eval_every", type=int, default=10, help="candidate: evaluate every this many steps")
     p.add_argument("--repeats", type=int, default=1, help="interleaved baseline/candidate pairs")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per arm before giving up")
@@ -160,6 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     baseline_ov = [*both, *(s if s.startswith("--") else f"--{s}" for s in a.baseline_set)]
     if a._arm is not None:  # a child process: one arm
         _arm(a._arm, [*overrides, f"--output_dir={a.output_dir}"], a.target, a.eval_every or None, a._out)
+        return 0
+    if a.candidate_only:
+        if a.target is None:
+            p.error("--candidate_only needs --target (the baseline's final validation loss)")
+        with tempfile.TemporaryDirectory(prefix="speedrun-") as tmp:
+            cand = _collect(_start_arm(a.candidate, overrides, a.target, a.eval_every, Path(tmp), "speedrun"),
+                            "candidate", a.timeout)  # fmt: skip
+        print(
+            f"{'arm':<9} {'recipe':<24} {'params':>8} {'target':>7} {'step':>6} {'tokens':>10} {'train_s':>9}   final val"
+        )
+        print(_fmt("candidate", a.candidate, cand, a.target))
+        curve = " ".join(f"{r['step']}:{r['val_loss']:.3f}" for r in cand["curve"])
+        print(f"validation loss by step: {curve}")
+        if a.json:
+            Path(a.json).write_text(json.dumps(cand, indent=1))
         return 0
 
     print(f"speedrun: {a.baseline} (baseline, to its end) vs {a.candidate} {' '.join(overrides)} "
@@ -179,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             else:  # one after the other: the candidate stops at the target
                 b = _start_arm(a.baseline, baseline_ov, a.target, None, tmpd, f"baseline{i}")
                 base = _collect(b, "baseline", a.timeout)
+                if a.target is None:  # the baseline's final loss is the target: it reaches it at its end
+                    base["reached"] = base["final"]
                 target = a.target if a.target is not None else base["final"]["val_loss"]
                 c = _start_arm(a.candidate, overrides, target, a.eval_every, tmpd, f"speedrun{i}")
                 cand = _collect(c, "candidate", a.timeout)

@@ -89,6 +89,15 @@ class GPT2AccelConfig(PretrainedConfig):
         final_logit_softcapping: ``cap * tanh(logits / cap)`` on the output logits (Gemma 2; nanochat uses 15).
         zero_init_output_proj: initialise the attention and MLP output projections (``c_proj``) to zero
             (modded-nanogpt), instead of GPT-2's 1/sqrt(2 n_layer) scaled normal.
+        magnitude_preserving: EDM2's magnitude-preserving network (Karras et al. 2023, "Analyzing and Improving the
+            Training Dynamics of Diffusion Models", arXiv:2312.02696): every matrix (and the embedding) is used
+            through its row-normalised form, and its stored rows are re-normalised after each optimizer step (the
+            trainer does it, from outside the model: ``gpt2_accel.optim.attach_forced_weight_norm``); residual sums
+            are ``mp_sum`` blends, activations are divided by their RMS over a unit normal input, there are no
+            biases and no norm gains, and the logits have one learned gain (``lm_head.gain``). Needs
+            ``bias=False`` and ``norm_elementwise_affine=False``.
+        mp_residual_balance: the blend ``t`` of the residual ``mp_sum(x, branch, t)`` (EDM2's ``res_balance`` and
+            ``attn_balance``: 0.3). magnitude_preserving only.
         bos_token_id / eos_token_id: default to the last id, ``vocab_size - 1``: that is ``<|endoftext|>`` = 50256
             for GPT-2's BPE and 256 for the character tokenizer, and it keeps tiny test vocabularies valid
             (transformers warns about special ids outside the vocabulary).
@@ -140,6 +149,8 @@ class GPT2AccelConfig(PretrainedConfig):
         attention_sinks: bool = False,
         final_logit_softcapping: float | None = None,
         zero_init_output_proj: bool = False,
+        magnitude_preserving: bool = False,
+        mp_residual_balance: float = 0.3,
         **kwargs,
     ):
         if n_embd % n_head != 0:
@@ -176,6 +187,8 @@ class GPT2AccelConfig(PretrainedConfig):
             )
         self.final_logit_softcapping = final_logit_softcapping
         self.zero_init_output_proj = bool(zero_init_output_proj)
+        self.magnitude_preserving = bool(magnitude_preserving)
+        self.mp_residual_balance = float(mp_residual_balance)
         _check_composition(attn_type, self)
         self.vocab_size = vocab_size
         self.n_positions = n_positions
@@ -185,6 +198,7 @@ class GPT2AccelConfig(PretrainedConfig):
         self.n_inner = n_inner
         self.dropout = dropout
         self.bias = bias
+        _check_magnitude_preserving(self)
         self.layer_norm_epsilon = layer_norm_epsilon
         self.initializer_range = initializer_range
         self.attn_type = check_attn_type(attn_type)
@@ -323,4 +337,40 @@ def _check_composition(attn_type: str, config: GPT2AccelConfig) -> None:
         raise ValueError(
             f"attention_sinks=True conflicts with attn_type={attn_type!r}: a sink adds a logit to softmax's "
             "normaliser and this variant has none; use attn_type='SM' or attention_sinks=False"
+        )
+
+
+def _check_magnitude_preserving(config: GPT2AccelConfig) -> None:
+    """Refuse what would break EDM2's magnitude preservation, naming the key and the fix.
+
+    A bias adds a term whose size nothing controls, and a learned norm gain (or LayerNorm bias) rescales the
+    activations freely: EDM2 removes both (Sec. 2.2, Config C/D). A zero matrix has no direction to normalise
+    (its forced weight normalisation divides 0 by eps for ever), so zero-initialised projections cannot be used.
+    """
+    if not 0 < config.mp_residual_balance < 1:
+        raise ValueError(
+            f"mp_residual_balance={config.mp_residual_balance} must be in (0, 1): it is the blend t of "
+            "mp_sum(x, branch, t) (EDM2: 0.3)"
+        )
+    if not config.magnitude_preserving:
+        return
+    which = [f"{k}=True" for k in ("attention_bias", "mlp_bias") if getattr(config, k)]
+    if config.bias and config.norm_type == "layernorm" and config.norm_elementwise_affine:
+        which.append("the LayerNorm's learned bias (bias=True with norm_elementwise_affine=True)")
+    if which:
+        raise ValueError(
+            f"magnitude_preserving=True conflicts with biases ({'; '.join(which)}; bias=True sets them all): EDM2 "
+            "removes every bias, whose size nothing keeps at 1. Set bias=False (and leave attention_bias/mlp_bias "
+            "unset or False)"
+        )
+    if config.norm_elementwise_affine:
+        raise ValueError(
+            f"magnitude_preserving=True conflicts with norm_elementwise_affine=True ({config.norm_type} with a learned "
+            "gain): a learned norm gain rescales the activations freely. Set norm_elementwise_affine=False (the "
+            "logits keep one learned output gain)"
+        )
+    if config.zero_init_output_proj:
+        raise ValueError(
+            "magnitude_preserving=True conflicts with zero_init_output_proj=True: a zero matrix has no direction "
+            "to normalise. Set zero_init_output_proj=False"
         )

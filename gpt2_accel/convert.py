@@ -119,6 +119,8 @@ def _blockers(cfg: GPT2AccelConfig, model_type: str) -> list[str]:
         b.append(f"attn_type={cfg.attn_type!r} (only softmax attention exists there)")
     if cfg.attention_sinks:
         b.append("attention_sinks=True")
+    if getattr(cfg, "magnitude_preserving", False):  # mp_sum residuals, normalised weights: no standard block
+        b.append("magnitude_preserving=True")
     if model_type == "gpt2":
         if cfg.position_embedding_type != "learned":
             b.append(f"position_embedding_type={cfg.position_embedding_type!r}")

@@ -51,6 +51,80 @@ def make_norm(config: GPT2AccelConfig, dim: int) -> nn.Module:
     )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Magnitude preservation (EDM2: Karras et al. 2023, "Analyzing and Improving the Training Dynamics of Diffusion
+# Models", arXiv:2312.02696). With ``config.magnitude_preserving`` every activation keeps an RMS near 1 through
+# depth and training: learned layers use unit-norm weight rows (Sec. 2.2-2.3), fixed functions are rescaled to
+# unit output RMS for a unit normal input (Sec. 2.5), and residual sums blend instead of add.
+# ---------------------------------------------------------------------------------------------------------------
+def mp_normalize(w: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Each row of w (..., fan_in) scaled to unit RMS, i.e. norm sqrt(fan_in): EDM2's ``normalize``,
+    w / (eps + ||w_row|| / sqrt(fan_in)). Stored MP weights are kept in this form (forced weight normalisation,
+    Sec. 2.3: after every optimizer step, ``gpt2_accel.optim.attach_forced_weight_norm``)."""
+    rms = torch.linalg.vector_norm(w, dim=-1, keepdim=True) * (w.size(-1) ** -0.5)  # (..., 1)
+    return w / (eps + rms)
+
+
+def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """EDM2's magnitude-preserving sum (Sec. 2.5): ((1 - t) a + t b) / sqrt((1 - t)^2 + t^2).
+
+    For independent a and b of unit RMS the result has unit RMS; t is b's share (t = 0.5: equal weights)."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+
+
+# RMS of each MLP activation over a unit normal input, E[f(x)^2]^(1/2) with x ~ N(0, 1): dividing by it gives unit
+# output RMS (EDM2's mp_silu = silu(x) / 0.596, Sec. 2.5). Values by numerical integration in float64
+# (tests/test_magnitude_preserving.py recomputes them): silu 0.59647, gelu (tanh form) 0.65207, relu^2 sqrt(3/2).
+# SwiGLU, silu(g) * u with g and u independent unit normals, has silu's RMS.
+MP_ACTIVATION_RMS = {"gelu": 0.6520688, "relu2": math.sqrt(1.5), "swiglu": 0.5964692}
+
+
+class MPLinear(nn.Linear):
+    """EDM2's magnitude-preserving linear layer (Sec. 2.2, "MP-Conv" for a 1x1 kernel), no bias:
+
+        y = x @ (gain * w_hat / sqrt(fan_in))^T,   w_hat = mp_normalize(w): rows of unit RMS,
+
+    so each output of a unit-RMS input with independent entries has RMS |gain|. The normalisation is part of the
+    forward (gradients are orthogonal to each row, EDM2 Sec. 2.3) and the stored rows are re-normalised after each
+    step from outside the model, so what is saved is already normalised. ``gain``: a learned scalar (EDM2's
+    ``out_gain``), used on the LM head only.
+    """
+
+    forced_weight_norm = True  # read by gpt2_accel.optim.attach_forced_weight_norm
+
+    def __init__(self, in_features: int, out_features: int, learned_gain: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.gain = nn.Parameter(torch.ones(())) if learned_gain else None
+
+    def mp_weight(self) -> torch.Tensor:
+        """The matrix the forward multiplies by, (out, in): unit-norm rows times the gain."""
+        scale = 1 / math.sqrt(self.in_features)
+        if self.gain is not None:
+            scale = self.gain * scale
+        return mp_normalize(self.weight) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.mp_weight())  # (..., out)
+
+
+class MPEmbedding(nn.Embedding):
+    """Embedding rows of unit RMS (EDM2's normalised weights applied to a lookup): each looked-up row has RMS 1,
+    so the residual stream starts at unit magnitude. Normalising the looked-up rows equals looking up normalised
+    rows, without normalising the whole table every forward."""
+
+    forced_weight_norm = True
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return mp_normalize(super().forward(ids))  # (B, T, C)
+
+
+def make_linear(config: GPT2AccelConfig, in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    """A block's Linear: GPT-2's, or EDM2's magnitude-preserving one (no bias) with ``magnitude_preserving``."""
+    if config.magnitude_preserving:
+        return MPLinear(in_features, out_features)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
 def rope_inv_freq(config: GPT2AccelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
     """Rotary inverse frequencies (hs/2,) and the cos/sin scale, from ``config.rope_parameters``.
 
@@ -121,8 +195,8 @@ class GPT2AccelAttention(nn.Module):
         self.layer_type = config.layer_types[layer_idx] if config.layer_types else "full_attention"
         self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
         kv_width = config.n_kv_head * self.head_dim
-        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.attention_bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.attention_bias)
+        self.c_attn = make_linear(config, config.n_embd, config.n_embd + 2 * kv_width, config.attention_bias)
+        self.c_proj = make_linear(config, config.n_embd, config.n_embd, config.attention_bias)
         self.c_proj.is_residual_proj = True  # scaled init, see _init_weights
         if config.qk_norm:  # Qwen3's names; over each head's features
             self.q_norm = make_norm(config, self.head_dim)
@@ -195,19 +269,27 @@ class GPT2AccelMLP(nn.Module):
         super().__init__()
         inner = config.mlp_hidden_size
         fc_out = 2 * inner if config.mlp_type in GATED_MLPS else inner
-        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.mlp_bias)
+        self.c_fc = make_linear(config, config.n_embd, fc_out, config.mlp_bias)
         self.act = MLP_ACTIVATIONS[config.mlp_type]
-        self.c_proj = nn.Linear(inner, config.n_embd, bias=config.mlp_bias)
+        # magnitude preserving: divide by the activation's RMS over a unit normal input (EDM2's mp_silu)
+        self.act_scale = 1 / MP_ACTIVATION_RMS[config.mlp_type] if config.magnitude_preserving else 1.0
+        self.c_proj = make_linear(config, inner, config.n_embd, config.mlp_bias)
         self.c_proj.is_residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.c_fc(x))  # (B, T, inner)
+        if self.act_scale != 1.0:
+            x = x * self.act_scale
         return self.dropout(self.c_proj(x))  # (B, T, C)
 
 
 class GPT2AccelBlock(GradientCheckpointingLayer):
-    """Pre-norm transformer block (GPT-2): x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm transformer block (GPT-2): x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    Magnitude preserving: the sums become EDM2's blends mp_sum(x, branch, t) with t = ``mp_residual_balance``, so
+    the residual stream keeps unit RMS instead of growing with depth (EDM2 Sec. 2.5, its encoder/decoder blocks).
+    """
 
     def __init__(self, config: GPT2AccelConfig, layer_idx: int):
         super().__init__()
@@ -215,6 +297,7 @@ class GPT2AccelBlock(GradientCheckpointingLayer):
         self.attn = GPT2AccelAttention(config, layer_idx)
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = GPT2AccelMLP(config)
+        self.mp_balance = config.mp_residual_balance if config.magnitude_preserving else None
 
     def forward(
         self,
@@ -223,7 +306,11 @@ class GPT2AccelBlock(GradientCheckpointingLayer):
         cache: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attention_mask, cache, position_embeddings)  # (B, T, C)
+        a = self.attn(self.ln_1(x), attention_mask, cache, position_embeddings)  # (B, T, C)
+        if self.mp_balance is not None:
+            x = mp_sum(x, a, self.mp_balance)  # (B, T, C)
+            return mp_sum(x, self.mlp(self.ln_2(x)), self.mp_balance)
+        x = x + a  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -247,6 +334,18 @@ class GPT2AccelPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
+        if getattr(module, "forced_weight_norm", False):
+            # EDM2 (Sec. 2.2): unit normal init, stored normalised (rows of unit RMS). transformers' copy_ skips a
+            # weight loaded from a checkpoint, so reloading never re-normalises (its logits stay identical).
+            w = module.weight
+            init.normal_(w, mean=0.0, std=1.0)
+            if hasattr(init, "copy_"):
+                init.copy_(w, mp_normalize(w))
+            else:  # pragma: no cover - transformers < 5
+                w.copy_(mp_normalize(w))
+            if getattr(module, "gain", None) is not None:
+                init.ones_(module.gain)
+            return
         if isinstance(module, nn.Linear):
             if getattr(module, "is_residual_proj", False) and self.config.zero_init_output_proj:
                 # modded-nanogpt: each block starts as the identity; its output projections learn from zero.
@@ -277,9 +376,10 @@ class GPT2AccelModel(GPT2AccelPreTrainedModel):
 
     def __init__(self, config: GPT2AccelConfig):
         super().__init__(config)
-        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # token embeddings (tied to lm_head)
+        emb = MPEmbedding if config.magnitude_preserving else nn.Embedding
+        self.wte = emb(config.padded_vocab_size, config.n_embd)  # token embeddings (tied to lm_head)
         if config.position_embedding_type == "learned":
-            self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # learned position embeddings
+            self.wpe = emb(config.n_positions, config.n_embd)  # learned position embeddings
         else:
             self.wpe = None  # rotary: positions enter in attention
         if config.norm_after_embedding:
@@ -335,7 +435,10 @@ class GPT2AccelModel(GPT2AccelPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).unsqueeze(0)  # (1, T)
         rope = None
-        if self.wpe is not None:
+        if self.wpe is not None and self.config.magnitude_preserving:
+            # two unit-RMS embeddings blended with equal weights, as EDM2 joins its noise and class embeddings
+            x = mp_sum(x, self.wpe(position_ids), 0.5)  # (B, T, C)
+        elif self.wpe is not None:
             x = x + self.wpe(position_ids)  # (B, T, C)
         else:
             rope = rope_cos_sin(self.config, position_ids, x.dtype)  # 2 x (B or 1, T, hs)
@@ -517,7 +620,12 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
     def __init__(self, config: GPT2AccelConfig):
         super().__init__(config)
         self.transformer = GPT2AccelModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.magnitude_preserving:
+            # unit-norm rows (tied: the normalised embedding) times one learned gain, EDM2's out_gain. EDM2 starts
+            # it at 0; here 1: the gain trains at learning_rate per step, and logits of RMS 1 start near ln(V)
+            self.lm_head = MPLinear(config.n_embd, config.padded_vocab_size, learned_gain=True)
+        else:
+            self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Rows of hidden states per chunk of the skip_logits loss; its (vocab, rows) fp32 buffer is 103 MB at
         # 512 x 50257. 512-2048 were within 4% on CPU (docs/performance.md); smaller saves memory on GPUs.
         self.loss_chunk_rows = 512
@@ -580,9 +688,10 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
             # The weight is read here, inside forward, where FSDP2's root pre-forward hook has unsharded it. lm_head
             # itself is not called: it must not be its own FSDP unit, and ZeRO-3 must be told it is used here
             # (deepspeed.zero.register_external_parameter); see docs/performance.md.
+            head = self.lm_head.mp_weight() if self.config.magnitude_preserving else self.lm_head.weight
             loss = chunked_linear_cross_entropy(
                 h,
-                self.lm_head.weight,
+                head,
                 shift_labels,
                 self.config.vocab_size,
                 self.loss_chunk_rows,

@@ -201,6 +201,63 @@ def check_optimizer_mode(args: TrainingArguments, mode: str, detail: str = "") -
         )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Forced weight normalisation (EDM2, magnitude_preserving models)
+# ---------------------------------------------------------------------------------------------------------------
+def forced_weight_norm_params(model: nn.Module) -> list[nn.Parameter]:
+    """The weights a magnitude-preserving model keeps normalised (modules marked ``forced_weight_norm``: its MP
+    linears and embeddings), each tied weight once; empty for every other model."""
+    seen, out = set(), []
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        # trainable only: a LoRA-frozen base keeps the normalised weights it was saved with
+        if (
+            getattr(module, "forced_weight_norm", False)
+            and w is not None
+            and w.requires_grad
+            and id(w) not in seen
+        ):
+            seen.add(id(w))
+            out.append(w)
+    return out
+
+
+@torch.no_grad()
+def renormalize_(params: list[nn.Parameter]) -> None:
+    """EDM2's forced weight normalisation (Sec. 2.3, Config E): after each optimizer step, each stored row is put
+    back to unit RMS, w <- w / (eps + ||w_row|| / sqrt(fan_in)). The forward normalises too, so this changes no
+    output; it keeps the stored norm (hence the effective learning rate, update / ||w||) constant instead of
+    growing with every update, and it makes what is saved already normalised."""
+    from .modeling_gpt2_accel import mp_normalize
+
+    for w in params:
+        w.copy_(mp_normalize(w))
+
+
+def attach_forced_weight_norm(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str) -> None:
+    """Re-normalise ``model``'s magnitude-preserving weights right after every ``optimizer.step()`` (a step
+    post-hook on the optimizer, so it runs wherever the loop steps, and only on real steps: accumulation
+    micro-steps and skipped non-finite steps do not step). Nothing for other models.
+
+    ``mode``: accelerate's distributed type ("DEEPSPEED", "FSDP", "MULTI_CPU", "NO"...). Under DDP every rank holds the whole, identical weights and applies
+    the same deterministic normalisation, so ranks stay equal. DeepSpeed keeps its own fp32 master copy of the
+    weights inside its engine (and ZeRO-3 / FSDP shard them), so normalising the model's copy would be undone at the
+    next step: refused, before any step runs.
+    """
+    params = forced_weight_norm_params(model)
+    if not params:
+        return
+    mode = mode.lower()
+    if mode in ("deepspeed", "fsdp"):
+        raise RecipeError(
+            f"magnitude_preserving=True cannot run under {'DeepSpeed' if mode == 'deepspeed' else 'FSDP'}: the "
+            "re-normalisation after each step must write the weights the optimizer updates, and "
+            f"{'DeepSpeed keeps them as its own fp32 partitions' if mode == 'deepspeed' else 'FSDP shards them'}. "
+            "Launch with accelerate_configs/ddp.yaml (GPUs) or cpu.yaml (CPU), or set magnitude_preserving=false"
+        )
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: renormalize_(params))
+
+
 def lr_at(step: int, args: TrainingArguments, max_steps: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the chosen decay to ``min_lr``.
 
@@ -220,6 +277,11 @@ def lr_at(step: int, args: TrainingArguments, max_steps: int) -> float:
             return peak
         frac = min(1.0, (step - start + 1) / max(1, max_steps - start))
         return peak + frac * (floor - peak)
+    if kind == "inverse_sqrt":
+        # EDM2's decay (Sec. 2.3, with forced weight normalisation): lr = peak / sqrt(max(t / t_ref, 1)), t_ref =
+        # inverse_sqrt_timescale (default: the warmup). No floor: min_lr is not used.
+        t_ref = args.inverse_sqrt_timescale or max(1, warm)
+        return peak / math.sqrt(max((step + 1) / t_ref, 1.0))
     span = max(1, max_steps - warm)
     frac = min(1.0, (step - warm) / span)
     if kind == "linear":

@@ -108,6 +108,14 @@ class ModelArguments:
     )
     final_logit_softcapping: float | None = _f(None, "cap * tanh(logits / cap) on the output (nanochat: 15).")
     zero_init_output_proj: bool = _f(False, "Initialise the attention and MLP output projections to zero.")
+    magnitude_preserving: bool = _f(
+        False,
+        "EDM2 magnitude preservation (Karras et al. 2023): normalised weights re-normalised after each step, "
+        "mp_sum residuals, scaled activations, a learned logit gain. Needs bias=false, norm_elementwise_affine=false.",
+    )
+    mp_residual_balance: float = _f(
+        0.3, "magnitude_preserving: the blend t of mp_sum(x, branch, t) (EDM2: 0.3)."
+    )
 
 
 @dataclass
@@ -186,7 +194,9 @@ class TrainingArguments:
         6e-5, "Final learning rate of the cosine/linear/WSD decay (nanoGPT: learning_rate / 10)."
     )
     lr_scheduler_type: str = _f(
-        "cosine", "'cosine', 'linear', 'constant' or 'warmup_stable_decay' (after warmup)."
+        "cosine",
+        "'cosine', 'linear', 'constant', 'warmup_stable_decay' or 'inverse_sqrt' (EDM2: lr / sqrt(max(t / "
+        "inverse_sqrt_timescale, 1))) after warmup.",
     )
     warmup_steps: int = _f(100, "Linear warmup steps from 0 to learning_rate.")
     decay_ratio: float = _f(0.2, "warmup_stable_decay only: fraction of max_steps spent in the final decay.")
@@ -273,6 +283,11 @@ class TrainingArguments:
         "mit",
         "Licence of the trained model (a Hub licence id: mit, apache-2.0, other...); recorded in run_info.json "
         "and shown in the model card's metadata. Mind the licence of the data and of init_from.",
+    )
+    inverse_sqrt_timescale: int | None = _f(
+        None,
+        "lr_scheduler_type=inverse_sqrt: t_ref, the step where the decay lr / sqrt(t / t_ref) starts; None = "
+        "warmup_steps (transformers' timescale default).",
     )
 
 
@@ -549,7 +564,7 @@ def model_config(m: ModelArguments, vocab_size: int, eot_token_id: int | None = 
             "position_embedding_type", "rope_theta", "rope_scaling", "norm_type", "norm_elementwise_affine",
             "norm_after_embedding", "mlp_type", "n_inner", "n_kv_head", "qk_norm", "attention_bias", "mlp_bias",
             "tie_word_embeddings", "sliding_window", "attention_sinks", "final_logit_softcapping",
-            "zero_init_output_proj",
+            "zero_init_output_proj", "magnitude_preserving", "mp_residual_balance",
         )
     }  # fmt: skip
     try:
@@ -636,8 +651,9 @@ def validate(r: Recipe) -> None:
         0 <= t.min_lr <= t.learning_rate, f"min_lr={t.min_lr} must be in [0, learning_rate={t.learning_rate}]"
     )
     _check(
-        t.lr_scheduler_type in ("cosine", "linear", "constant", "warmup_stable_decay"),
-        f"lr_scheduler_type must be one of cosine, linear, constant, warmup_stable_decay; got {t.lr_scheduler_type!r}",
+        t.lr_scheduler_type in ("cosine", "linear", "constant", "warmup_stable_decay", "inverse_sqrt"),
+        "lr_scheduler_type must be one of cosine, linear, constant, warmup_stable_decay, inverse_sqrt; "
+        f"got {t.lr_scheduler_type!r}",
     )
     _check(0 < t.decay_ratio <= 1, f"decay_ratio must be in (0, 1], got {t.decay_ratio}")
     _check(t.weight_decay >= 0, "weight_decay must be >= 0")
@@ -657,6 +673,10 @@ def validate(r: Recipe) -> None:
         )
         bad = [s for s in t.ema_sigma_rels if not 0 < s < SIGMA_REL_MAX]
         _check(not bad, f"ema_sigma_rels {bad} must be in (0, {SIGMA_REL_MAX:.4f}); EDM2 tracks [0.05, 0.10]")
+    _check(
+        t.inverse_sqrt_timescale is None or t.inverse_sqrt_timescale >= 1,
+        f"inverse_sqrt_timescale must be a number of steps >= 1 or null, got {t.inverse_sqrt_timescale}",
+    )
     _check(t.ema_snapshot_steps >= 1, f"ema_snapshot_steps must be >= 1, got {t.ema_snapshot_steps}")
     _check(t.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)")
     _check(not (t.bf16 and t.fp16), "bf16 and fp16 are both true; choose one")

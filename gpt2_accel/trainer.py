@@ -34,7 +34,7 @@ from .locate import OPENAI_GPT2
 from .logs import quiet_save
 from .loop import Periodic, TrainLogger
 from .metrics import JsonlTracker, flops_per_token, peak_flops, plot_loss_curve
-from .optim import build_optimizer, check_optimizer_mode, set_lr
+from .optim import attach_forced_weight_norm, build_optimizer, check_optimizer_mode, set_lr
 from .recipe import Recipe, RecipeError, build_recipe, load_recipe
 from .run_files import TrainerState
 
@@ -280,6 +280,7 @@ class Trainer:
             wpe.weight.numel() if wpe is not None else 0
         )
         self.optimizer = build_optimizer(self.model, t, acc.device.type)
+        attach_forced_weight_norm(self.model, self.optimizer, acc.distributed_type.value)  # EDM2 models only
         model = self.model
         if t.torch_compile:
             model = torch.compile(model)

@@ -335,7 +335,12 @@ MODERN = dict(  # every modern option at once (docs/architecture.md)
 )
 
 
-@pytest.mark.parametrize("overrides", [dict(attn_type="GK"), MODERN], ids=["gk", "modern"])
+MAGNITUDE_PRESERVING = dict(magnitude_preserving=True, bias=False, norm_elementwise_affine=False)  # EDM2
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(attn_type="GK"), MODERN, MAGNITUDE_PRESERVING], ids=["gk", "modern", "edm2"]
+)
 def test_trust_remote_code_loads_without_the_package(tmp_path, overrides):
     model_dir = tmp_path / "model"
     model = tiny_model(**overrides)
