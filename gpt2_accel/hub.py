@@ -260,6 +260,12 @@ def render_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) ->
         ("Final validation loss", evals.get("val_loss")),
         ("Final validation perplexity", evals.get("val_ppl")),
         ("HellaSwag acc / acc_norm", _pair(evals.get("hellaswag_acc"), evals.get("hellaswag_acc_norm"))),
+        *(  # `gpt2-accel eval --task lm_eval:...` files the harness's scores in eval_results.json
+            (f"lm-eval {task} {metric}", value)
+            for task, metrics in sorted((evals.get("lm_eval") or {}).items())
+            for metric, value in sorted(metrics.items())
+            if "stderr" not in metric
+        ),
         ("Hardware", info.hardware),
         ("Processes (world size)", info.world_size),
         ("Mixed precision", info.mixed_precision),

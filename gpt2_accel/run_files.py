@@ -62,6 +62,7 @@ class EvalResults(TypedDict, total=False):
     hellaswag_acc: float
     hellaswag_acc_norm: float
     hellaswag_n: int  # HellaSwag examples scored
+    lm_eval: dict[str, dict[str, float]]  # lm-evaluation-harness, {task: {metric: value}} (`gpt2-accel eval`)
 
 
 class EvalLog(EvalResults, total=False):
@@ -119,8 +120,21 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> None:
 
 
 def write_eval_results(run_dir: str | os.PathLike, results: EvalResults) -> None:
-
     write_json(Path(run_dir) / EVAL_RESULTS, dict(results))
+
+
+def update_eval_results(run_dir: str | os.PathLike, results: EvalResults) -> Path:
+    """Merge ``results`` into eval_results.json (atomically): the keys given replace theirs, every other key stays,
+    and ``lm_eval`` is merged task by task. How ``gpt2-accel eval`` files its HellaSwag and harness scores next to
+    the run's own validation loss."""
+    path = Path(run_dir) / EVAL_RESULTS
+    merged: dict[str, Any] = _read_json(path)
+    for key, value in results.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = {**merged[key], **value}
+        merged[key] = value
+    write_json(path, merged)
+    return path
 
 
 def read_eval_results(run_dir: str | os.PathLike) -> EvalResults:

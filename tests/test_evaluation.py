@@ -272,6 +272,12 @@ def test_cli_hellaswag_writes_json_next_to_the_model_and_prints_a_table(bpe_mode
     assert result["num_processes"] == 1 and "_timestamp" in result and "_gpt2_accel_version" in result
     table = capsys.readouterr().out
     assert "acc_norm" in table and f"{expected['acc_norm']:.6f}" in table
+    merged = json.loads((model_dir / "eval_results.json").read_text())  # next to the model's own results
+    assert (merged["hellaswag_acc"], merged["hellaswag_acc_norm"], merged["hellaswag_n"]) == (
+        expected["acc"],
+        expected["acc_norm"],
+        8,
+    )
 
 
 def test_cli_scores_a_vanilla_transformers_gpt2_directory(tmp_path):

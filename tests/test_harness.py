@@ -105,6 +105,14 @@ def test_lm_eval_local_task_scores_like_our_loglikelihoods(model_dir, tmp_path, 
     )
     out = capsys.readouterr().out
     assert "tiny_choice" in out and "eval_results_lm_eval.json" in out
+    # filed next to the model's own results, which stay (issue 19: "next to ours in eval_results.json")
+    (model_dir / "eval_results.json").write_text(json.dumps({"val_loss": 3.5}))
+    assert (
+        main(["--model", str(model_dir), "--task", "lm_eval:tiny_choice", "--include_path", str(tasks)]) == 0
+    )
+    merged = json.loads((model_dir / "eval_results.json").read_text())
+    assert merged["val_loss"] == 3.5 and merged["lm_eval"]["tiny_choice"]["acc,none"] == pytest.approx(want)
+    assert "alias" not in merged["lm_eval"]["tiny_choice"]
 
 
 def test_lm_eval_unknown_task_is_a_clear_error(model_dir, tmp_path, capsys):

@@ -350,3 +350,23 @@ def test_bad_inputs_are_clear_errors(tmp_path, bad):
     else:
         with pytest.raises(HubPushError, match="must be 'namespace/name'"):
             push_run(tmp_path, bad, token="hf_x")
+
+
+def test_model_card_shows_scores_that_eval_filed_in_the_run(trained_run, tmp_path):
+    """`gpt2-accel eval` merges HellaSwag and lm-eval scores into eval_results.json; the card shows them next to
+    the run's own validation loss, which stays."""
+    from huggingface_hub import ModelCard
+
+    from gpt2_accel.run_files import EvalResults, update_eval_results
+
+    d = tmp_path / "run"
+    shutil.copytree(trained_run, d)
+    val_loss = read_eval_results(d)["val_loss"]
+    update_eval_results(d, EvalResults(hellaswag_acc=0.25, hellaswag_acc_norm=0.5, hellaswag_n=8))
+    update_eval_results(d, EvalResults(lm_eval={"tiny_choice": {"acc,none": 0.75, "acc_stderr,none": 0.1}}))
+    card = ModelCard.load(write_model_card(d))
+    assert "| HellaSwag acc / acc_norm | 0.2500 / 0.5000 |" in card.text
+    assert "| lm-eval tiny_choice acc,none | 0.7500 |" in card.text and "stderr" not in card.text
+    assert f"| Final validation loss | {val_loss:.4f} |" in card.text
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics["accuracy"] == 0.5 and metrics["loss"] == val_loss

@@ -20,6 +20,7 @@ from ..evaluation import (
     save_results,
     score_hellaswag,
 )
+from ..run_files import EvalResults, update_eval_results
 from .common import command_parser, fail, parse_known
 
 
@@ -134,6 +135,14 @@ def _lm_eval(args: argparse.Namespace, model_name: str) -> int:
         base = Path(path) if Path(path).is_dir() else Path(".")
         output = str(base / "eval_results_lm_eval.json")
     written = save_results(output, result)
+    if Path(model_name).is_dir():  # a run or model directory: its eval_results.json gets the scores too
+        scores = {
+            task: {
+                k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            for task, metrics in res["results"].items()
+        }
+        written = f"{written} and {update_eval_results(model_name, EvalResults(lm_eval=scores))}"
     print(f"lm-evaluation-harness {','.join(tasks)} of {model_name} ({device})")
     for task, metrics in res["results"].items():
         for k, v in metrics.items():
@@ -274,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
             base = Path(model_name) if Path(model_name).is_dir() else Path(".")
             output = str(base / f"eval_results_{args.task}.json")
         path = save_results(output, result)
+        if args.task == "hellaswag" and Path(model_name).is_dir():
+            # next to the run's own results (the model card reads them); the validation loss there stays the
+            # training run's own, measured on its recipe's windows, so `--task loss` writes only its own file
+            hs = EvalResults(
+                hellaswag_acc=result["acc"], hellaswag_acc_norm=result["acc_norm"], hellaswag_n=result["n"]
+            )
+            path = f"{path} and {update_eval_results(model_name, hs)}"
         print(f"{args.task} of {model_name} on {result['data']} ({accelerator.num_processes} process(es))")
         _print_table(result, keys)
         print(f"wrote {path}")
