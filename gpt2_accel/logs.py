@@ -51,6 +51,12 @@ def setup_logging(level: str = "info", main_process: bool = True) -> None:
         numeric = max(numeric, logging.WARNING)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("gpt2_accel").setLevel(numeric)
+    demote_routine_lines()
+
+
+def demote_routine_lines() -> None:
+    """Install the ROUTINE filters (idempotent). Every command does, before it loads a model: transformers'
+    loading code imports DeepSpeed when it is installed, and DeepSpeed's import prints its accelerator line."""
     for name, pattern in ROUTINE:
         log = logging.getLogger(name)
         if not any(isinstance(f, _DemoteRoutine) for f in log.filters):

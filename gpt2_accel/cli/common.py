@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import NoReturn
 
+from ..logs import demote_routine_lines
+
 
 def command_parser(command: str, description: str) -> argparse.ArgumentParser:
     """The parser of ``gpt2-accel <command>`` (its usage line names the command as users type it)."""
@@ -35,7 +37,9 @@ def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """``argv`` parsed with both spellings of every option accepted; argparse exits 2 on a bad one."""
+    """``argv`` parsed with both spellings of every option accepted; argparse exits 2 on a bad one. Third-party
+    routine lines are demoted to debug from here on (:func:`gpt2_accel.logs.demote_routine_lines`)."""
+    demote_routine_lines()
     return accept_both_spellings(parser).parse_args(argv)
 
 
@@ -43,6 +47,7 @@ def parse_known(
     parser: argparse.ArgumentParser, argv: list[str] | None
 ) -> tuple[argparse.Namespace, list[str]]:
     """As :func:`parse`, returning the arguments the parser does not know (recipe overrides ``--key=value``)."""
+    demote_routine_lines()
     return accept_both_spellings(parser).parse_known_args(argv)
 
 

@@ -12,6 +12,7 @@ from ..ema import (
     list_snapshots,
     reconstructable_range,
 )
+from ..logs import quiet_save
 from .common import command_parser, error, parse
 
 
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not a.output:
             p.error("--output is required with --sigma_rel")
-        report = export(a.run, a.sigma_rel, a.output, a.step)
+        with quiet_save():  # transformers' loading/writing bars of a local model are noise here
+            report = export(a.run, a.sigma_rel, a.output, a.step)
     except EMAError as e:
         return error(e)
     print(f"EMA sigma_rel={a.sigma_rel} (gamma {report['gamma']:.2f}) at step {report['step']} from "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..export import OUTTYPES, export
+from ..logs import quiet_save
 from .common import command_parser, fail, parse
 
 
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parse(p, argv)
     try:
-        out = export(args.model, args.format, args.output, outtype=args.outtype, overwrite=args.overwrite)
+        with quiet_save():  # transformers' loading/writing bars of the intermediate model are noise here
+            out = export(args.model, args.format, args.output, outtype=args.outtype, overwrite=args.overwrite)
     except (OSError, ValueError, TypeError) as e:
         fail(p, e)
     what = {"hf": "transformers directory", "gguf": "GGUF file", "onnx": "ONNX directory"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..logs import quiet_save
 from .common import command_parser, fail, parse
 
 
@@ -37,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     from ..lora import merge_adapter
 
     try:
-        model = merge_adapter(args.adapter_dir, args.base)
+        with quiet_save():  # transformers' loading bars of the base and adapter are noise here
+            model = merge_adapter(args.adapter_dir, args.base)
     except (OSError, ValueError) as e:
         fail(parser, e)
     # written whole, then renamed: an interrupted merge leaves no half directory behind (an empty one is replaced)
-    with atomic_output(output, is_dir=True) as tmp:
+    with atomic_output(output, is_dir=True) as tmp, quiet_save():
         model.save_pretrained(tmp, safe_serialization=True)
         tok = _save_tokenizer(args.adapter_dir, tmp, model.config.vocab_size)
     n = sum(p.numel() for p in model.parameters())
