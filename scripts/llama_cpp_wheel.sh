@@ -9,7 +9,7 @@
 #   LLAMA_CPP_WHEELS         the cache (default: ${XDG_CACHE_HOME:-~/.cache}/gpt2_accel/wheels)
 #   LLAMA_CPP_SEED           directories holding a wheel already built with the CMAKE_ARGS below (e.g. a CI cache
 #                            restore); a wheel of the right version and tag found there is copied into the cache
-#   LLAMA_CPP_BUILD_TIMEOUT  seconds the build may take (default 3600)
+#   LLAMA_CPP_BUILD_TIMEOUT  seconds the build may take (default 1800: ~5-20 min on 2 cores, so CI, 90 min in all, keeps time for the suite)
 #
 # Why our own cache and not pip's (which also keeps wheels it built): pip's key is the download URL, not the build
 # flags, so a wheel built with other CMAKE_ARGS (e.g. -march=native from a developer's machine) would be reused
@@ -24,7 +24,7 @@
 llama_cpp_install() {
   local venv=${VENV:?VENV is not set} version=${LLAMA_CPP_VERSION:-0.3.36}
   local cache=${LLAMA_CPP_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/gpt2_accel/wheels}
-  local timeout_s=${LLAMA_CPP_BUILD_TIMEOUT:-3600} py=$venv/bin/python
+  local timeout_s=${LLAMA_CPP_BUILD_TIMEOUT:-1800} py=$venv/bin/python
   # Portable CPU build (GGML_NATIVE=OFF: no -march=native, so a cached wheel runs on other x86-64 CPUs with AVX2);
   # only the library and its Python binding, none of llama.cpp's programs.
   local cmake_args="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF"
