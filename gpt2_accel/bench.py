@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ._compat import moved_main
 from .metrics import flops_per_token, peak_flops
 from .recipe import Recipe, RecipeError
 
@@ -295,13 +296,7 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def __getattr__(name: str):
-    # ``gpt2_accel.bench.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
-    if name == "main":
-        from .cli.bench import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_main(__name__, "bench")  # `gpt2_accel.bench.main` keeps working
 
 
 if __name__ == "__main__":  # `python -m gpt2_accel.bench` runs the command, which lives in gpt2_accel/cli/

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ._compat import moved_main
 from .configuration_gpt2_accel import YARN_KEYS, GPT2AccelConfig
 from .locate import OPENAI_GPT2_SIZES
 from .modeling_gpt2_accel import GPT2AccelForCausalLM
@@ -625,13 +626,7 @@ def _load_ours(source: str) -> GPT2AccelForCausalLM:
     return model
 
 
-def __getattr__(name: str):
-    # ``gpt2_accel.convert.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
-    if name == "main":
-        from .cli.convert import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_main(__name__, "convert")  # `gpt2_accel.convert.main` keeps working
 
 
 if __name__ == "__main__":  # `python -m gpt2_accel.convert` runs the command, which lives in gpt2_accel/cli/

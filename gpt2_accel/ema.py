@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._compat import moved_main
 from .atomic import atomic_output
 
 EMA_DIR = "ema"
@@ -299,13 +300,7 @@ def export(
     return report
 
 
-def __getattr__(name: str):
-    # ``gpt2_accel.ema.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
-    if name == "main":
-        from .cli.ema import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_main(__name__, "ema")  # `gpt2_accel.ema.main` keeps working
 
 
 if __name__ == "__main__":  # `python -m gpt2_accel.ema` runs the command, which lives in gpt2_accel/cli/

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._compat import moved_main
 from .locate import OPENAI_GPT2, find_model_dir
 
 # The OpenAI GPT-2 checkpoints: their tokenizer is GPT-2's BPE, which we build offline from the bundled files.
@@ -463,13 +464,7 @@ def save_results(output: str | Path, result: dict) -> Path:
     return out
 
 
-def __getattr__(name: str):
-    # ``gpt2_accel.evaluation.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
-    if name == "main":
-        from .cli.eval import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_main(__name__, "eval")  # `gpt2_accel.evaluation.main` keeps working
 
 
 if (

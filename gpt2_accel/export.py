@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._compat import moved_main
 from .atomic import atomic_output
 
 # Format -> the weight types it can be written in (first = default).
@@ -530,13 +531,7 @@ def export(
     return _atomic_target(output, overwrite, gguf_file, is_dir=False)
 
 
-def __getattr__(name: str):
-    # ``gpt2_accel.export.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
-    if name == "main":
-        from .cli.export import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_main(__name__, "export")  # `gpt2_accel.export.main` keeps working
 
 
 if __name__ == "__main__":  # `python -m gpt2_accel.export` runs the command, which lives in gpt2_accel/cli/

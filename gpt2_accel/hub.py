@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ._compat import moved_main
 from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
 from .locate import find_model_dir
@@ -588,13 +589,7 @@ def push_run(
     return url
 
 
-def __getattr__(name: str):
-    # ``gpt2_accel.hub.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
-    if name == "main":
-        from .cli.push import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_main(__name__, "push")  # `gpt2_accel.hub.main` keeps working
 
 
 if __name__ == "__main__":  # `python -m gpt2_accel.hub` runs the command, which lives in gpt2_accel/cli/

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ._compat import moved_main
 from .locate import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -169,13 +170,7 @@ def generate_samples(
     return texts
 
 
-def __getattr__(name: str):
-    # ``gpt2_accel.sample.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
-    if name == "main":
-        from .cli.sample import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_main(__name__, "sample")  # `gpt2_accel.sample.main` keeps working
 
 
 if __name__ == "__main__":  # `python -m gpt2_accel.sample` runs the command, which lives in gpt2_accel/cli/

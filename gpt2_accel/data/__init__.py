@@ -17,6 +17,7 @@ as llm.c's loader does (it reads ``B*T + 1`` tokens per batch).
 See docs/data.md for the user-facing description.
 """
 
+from .._compat import moved_main
 from .loader import TrainLoader, build_eval_windows, build_train_loader
 from .shards import prepare, write_shard
 from .sources import (
@@ -63,10 +64,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # ``gpt2_accel.data.main`` (before the command-line programs moved to gpt2_accel/cli/) keeps working.
-    if name == "main":
-        from ..cli.prepare import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_main(__name__, "prepare")  # `gpt2_accel.data.main` keeps working
