@@ -38,7 +38,10 @@ def supports_fast_decoding(model) -> bool:
     from .convert import _blockers
     from .modeling_gpt2_accel import GPT2AccelForCausalLM
 
-    if not isinstance(model, GPT2AccelForCausalLM) or model.config.n_positions < 5:
+    # By name, not isinstance: with trust_remote_code, some transformers releases (5.4) load the copy of our modeling file
+    # saved next to the weights (the same code as another class object); the check below guards the rest.
+    ours = type(model).__name__ == GPT2AccelForCausalLM.__name__ and model.config.model_type == "gpt2_accel"
+    if not ours or model.config.n_positions < 5:
         return False
     if [b for b in _blockers(model.config, "gpt2") if not b.startswith("attn_type=")]:
         return False  # a modern block option (rotary, RMSNorm, GQA...): generate() handles it
