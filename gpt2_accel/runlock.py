@@ -29,9 +29,32 @@ import os
 import socket
 import sys
 import time
+import weakref
 from pathlib import Path
 
 LOCK_NAME = ".gpt2_accel.lock"
+
+# The locks this process holds, so that a forked child can drop its copies (below).
+_HELD: weakref.WeakSet[RunLock] = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors, leaving the lock to the parent.
+
+    A flock belongs to the open file description, which ``fork`` shares. A worker that kept the descriptor would
+    hold the run's lock after the trainer died until the worker noticed (torch's workers poll for their parent
+    every few seconds), refusing an immediate relaunch; one that unlocked or truncated it would free the parent's
+    lock. Closing the child's copy does neither: the parent's descriptor keeps the lock.
+    """
+    for lock in list(_HELD):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 class RunLockedError(RuntimeError):
@@ -95,6 +118,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self._fd = fd
+        _HELD.add(self)
         return self
 
     def _try_lock_existing(self) -> bool:
@@ -137,6 +161,7 @@ class RunLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        _HELD.discard(self)
         try:
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)

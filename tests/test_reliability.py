@@ -7,6 +7,7 @@ run wrote, and the resumed run is compared with the run that was not interrupted
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -157,6 +158,40 @@ def test_lock_dies_with_its_process_and_force_unlock_moves_it_aside(tmp_path):
     holder.wait(timeout=30)
     with RunLock(run) as lock:  # SIGKILL released it: no stale lock to break
         assert lock.held and json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+# The holder forks a child (as a DataLoader worker is forked), lets a second child exit normally, then waits.
+_FORKING_HOLDER = """
+import os, sys, time
+from gpt2_accel.runlock import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+if os.fork() == 0:
+    sys.exit(0)  # a worker that ends normally: its exit must not unlock or blank the parent's lock
+os.wait()
+if os.fork() == 0:
+    time.sleep(60)  # a worker that outlives its parent for a while (torch's workers poll for it every few s)
+    os._exit(0)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_forked_workers_neither_hold_nor_release_the_run_lock(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _FORKING_HOLDER, str(run)], env=_env(), stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        # the first child exited: the parent still holds the lock, and its record still names it
+        with pytest.raises(RunLockedError, match=rf"pid {holder.pid}"):
+            RunLock(run).acquire()
+        holder.send_signal(signal.SIGKILL)  # the trainer alone dies; its sleeping child lives on
+        holder.wait(timeout=30)
+        with RunLock(run) as lock:  # the relaunch gets the lock at once, while the orphaned worker still runs
+            assert lock.held
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)  # the orphaned child
 
 
 # ---------------------------------------------------------------------------------------------------------------
