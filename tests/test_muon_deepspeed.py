@@ -39,7 +39,11 @@ LOSS_TOL = 2e-5
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "model.safetensors")
+    """The exported weights, the tied LM head once (DeepSpeed's export also writes ``lm_head.weight``)."""
+    sd = load_file(run / "model.safetensors")
+    head = sd.pop("lm_head.weight", None)
+    assert head is None or torch.equal(head, sd["transformer.wte.weight"])
+    return sd
 
 
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
@@ -163,7 +167,7 @@ def test_muon_under_deepspeed_zero_trains_like_one_process_and_resumes_bitwise(
     ds, ref = _weights(run), _weights(muon_reference)
     _assert_same_weights(ds, ref, WEIGHT_TOL)
     # the block matrices moved by Muon's steps, far beyond the tolerance: an optimizer other than Muon would miss
-    init = load_file(run / "checkpoints" / "step_00000005" / "model" / "model.safetensors")
+    init = _weights(run / "checkpoints" / "step_00000005" / "model")
     assert (
         ds["transformer.h.0.attn.c_attn.weight"] - init["transformer.h.0.attn.c_attn.weight"]
     ).abs().max() > 1e-2
