@@ -3,7 +3,9 @@
 ``optim`` in the recipe picks the optimizer (transformers.TrainingArguments' key): ``adamw_torch`` is GPT-2's AdamW
 on every parameter; ``muon`` is :class:`MuonWithAdamW`, torch's ``torch.optim.Muon`` on the 2-D hidden matrices of
 the transformer blocks and AdamW on everything else (embeddings, LM head, gains, biases), the split of Keller
-Jordan's Muon (https://kellerjordan.github.io/posts/muon/) and nanochat.
+Jordan's Muon (https://kellerjordan.github.io/posts/muon/) and nanochat. Under DeepSpeed ZeRO-1/2 the same split
+goes to DeepSpeed's own Muon (:func:`deepspeed_muon_with_adamw`), because ZeRO never hands an optimizer a whole
+matrix; :func:`check_optimizer_mode` refuses the modes where Muon cannot run correctly.
 """
 
 from __future__ import annotations

@@ -207,7 +207,11 @@ class TrainingArguments:
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.95, "AdamW beta2 (0.95 as GPT-3/nanoGPT).")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this; 0 disables clipping.")
+    max_grad_norm: float = _f(
+        1.0,
+        "Clip the gradient norm to this; 0 disables clipping. optim=muon under DeepSpeed needs 0 (DeepSpeed would "
+        "clip Muon's orthogonalised update instead).",
+    )
     bf16: bool = _f(
         False, "bf16 mixed precision (GPUs with bf16). Neither bf16 nor fp16 = the launch config's."
     )
