@@ -3,7 +3,9 @@
 ``optim`` in the recipe picks the optimizer (transformers.TrainingArguments' key): ``adamw_torch`` is GPT-2's AdamW
 on every parameter; ``muon`` is :class:`MuonWithAdamW`, torch's ``torch.optim.Muon`` on the 2-D hidden matrices of
 the transformer blocks and AdamW on everything else (embeddings, LM head, gains, biases), the split of Keller
-Jordan's Muon (https://kellerjordan.github.io/posts/muon/) and nanochat.
+Jordan's Muon (https://kellerjordan.github.io/posts/muon/) and nanochat. Under DeepSpeed ZeRO-1/2 the same split
+goes to DeepSpeed's own Muon (:func:`deepspeed_muon_with_adamw`), because ZeRO never hands an optimizer a whole
+matrix; :func:`check_optimizer_mode` refuses the modes where Muon cannot run correctly.
 """
 
 from __future__ import annotations
@@ -44,14 +46,21 @@ def _adamw_kwargs(args: TrainingArguments, device_type: str) -> dict:
     return kwargs
 
 
-def build_optimizer(model: nn.Module, args: TrainingArguments, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, args: TrainingArguments, device_type: str, *, deepspeed: bool = False
+) -> torch.optim.Optimizer:
     """The recipe's ``optim``: AdamW with the recipe's betas/eps (the fused kernel where torch has one for the
-    device), or :class:`MuonWithAdamW`."""
+    device), or Muon + AdamW: :class:`MuonWithAdamW` in one process and under DDP, DeepSpeed's own Muon
+    (:func:`deepspeed_muon_with_adamw`) when ``deepspeed`` (ZeRO-1/2; :func:`check_optimizer_mode` refuses the
+    rest)."""
     if args.optim == "muon":
         muon, rest = muon_param_split(model)
         adamw_groups = [g for g in param_groups(rest, args.weight_decay) if g["params"]]
+        muon_group = {"params": muon, "weight_decay": args.muon_weight_decay}
+        if deepspeed:
+            return deepspeed_muon_with_adamw(muon_group, adamw_groups, args, device_type)
         return MuonWithAdamW(
-            [{"params": muon, "weight_decay": args.muon_weight_decay}],
+            [muon_group],
             adamw_groups,
             muon_kwargs=dict(lr=args.muon_learning_rate, momentum=args.muon_momentum, nesterov=True),
             adamw_kwargs=_adamw_kwargs(args, device_type),
@@ -179,26 +188,131 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, args: TrainingArguments,
     return lr
 
 
-def check_optimizer_mode(args: TrainingArguments, mode: str, detail: str = "") -> None:
+def check_optimizer_mode(
+    args: TrainingArguments,
+    mode: str,
+    detail: str = "",
+    *,
+    zero_stage: int | None = None,
+    offload_optimizer: bool = False,
+) -> None:
     """Refuse, before any step, a parallel mode in which the recipe's optimizer cannot run correctly.
 
-    ``mode``: "deepspeed", "fsdp" or anything else (DDP, one process). Never a silent fallback.
+    ``mode``: "deepspeed" (with its ``zero_stage`` and whether it offloads the optimizer to the CPU), "fsdp" or
+    anything else (DDP, one process). Never a silent fallback: Muon runs under DeepSpeed ZeRO-1/2 without
+    clipping and without optimizer offload (tested against DDP Muon, tests/test_muon_deepspeed.py); everything
+    else is refused with the fix.
     """
     if args.optim != "muon":
         return
     if mode == "deepspeed":
-        raise RecipeError(
-            f"optim=muon cannot run under DeepSpeed{detail}: ZeRO flattens the parameters into 1-D partitions, so "
-            "torch.optim.Muon would never see a whole weight matrix to orthogonalise (and DeepSpeed's own Muon is "
-            "a different optimizer). Launch with accelerate_configs/ddp.yaml (GPUs) or cpu.yaml (CPU), or set "
-            "optim=adamw_torch to keep DeepSpeed"
-        )
+        where = f"optim=muon cannot run under DeepSpeed{detail}"
+        keep = "launch with accelerate_configs/ddp.yaml (GPUs) or cpu.yaml (CPU), or set optim=adamw_torch"
+        if zero_stage not in (1, 2):
+            why = (
+                "ZeRO-3's Muon path (which DeepSpeed releases before 0.19 silently switched off under zero.Init) "
+                "is not verified against DDP Muon here"
+                if zero_stage == 3
+                else "stage 0 shards nothing (it is data parallelism, where DeepSpeed releases before 0.19 "
+                "silently ran plain SGD instead of Muon)"
+            )
+            raise RecipeError(
+                f"{where}: {why}. Launch with accelerate_configs/deepspeed_zero1.yaml or deepspeed_zero2.yaml "
+                f"(with max_grad_norm=0), or {keep}"
+            )
+        if offload_optimizer:
+            raise RecipeError(
+                f"{where}: with offload_optimizer_device set, Accelerate replaces the client optimizer by "
+                "DeepSpeedCPUAdam, so Muon would silently become Adam. Set offload_optimizer_device: none, or "
+                f"{keep}"
+            )
+        if args.max_grad_norm > 0:
+            raise RecipeError(
+                f"{where} with max_grad_norm={args.max_grad_norm}: DeepSpeed clips after orthogonalising, over "
+                "the norm of Muon's update (about sqrt(min(rows, cols)) per matrix) instead of the gradient's, "
+                "which would shrink every Muon step many times over. Set max_grad_norm=0 to keep DeepSpeed, "
+                f"or {keep} (they clip the gradient)"
+            )
+        return
     if mode == "fsdp":
         raise RecipeError(
             f"optim=muon cannot run under FSDP{detail}: each rank holds a shard of every weight matrix, and Muon "
             "needs the whole matrix to orthogonalise its update. Launch with accelerate_configs/ddp.yaml, or set "
             "optim=adamw_torch to keep FSDP"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Muon under DeepSpeed ZeRO-1/2
+# ---------------------------------------------------------------------------------------------------------------
+def deepspeed_muon_with_adamw(
+    muon_group: dict, adamw_groups: list[dict], args: TrainingArguments, device_type: str
+) -> torch.optim.Optimizer:
+    """DeepSpeed's ``MuonWithAuxAdam`` over our split, for DeepSpeed as the client optimizer.
+
+    Why DeepSpeed's Muon and not ``torch.optim.Muon``: ZeRO-1/2 steps the optimizer on one flat fp32 partition
+    per group, so an optimizer inside ZeRO never sees a whole matrix. DeepSpeed 0.19 orthogonalises in ZeRO's
+    gradient-partition code instead (runtime/zero/stage_1_and_2.py, ``get_flat_partition``: the whole reduced
+    gradient of each Muon matrix, all-reduced among the ranks whose partitions it spans, goes through
+    ``muon_update`` before it is cut into partitions), and only when the optimizer's class name says Muon and the
+    parameter carries ``use_muon``. The optimizer's step then applies the decay and the learning rate.
+
+    The update is torch.optim.Muon's (Keller Jordan's): momentum ``buf.lerp_(g, 1 - mu)``, Nesterov
+    ``g.lerp(buf, mu)``, five quintic Newton-Schulz steps (3.4445, -4.775, 2.0315) on the Frobenius-normalised
+    matrix, scaled by sqrt(max(1, rows/cols)) (torch's "original" adjustment), decay ``p *= 1 - lr * wd``.
+    Differences, all at rounding level in fp32: the norm gets +1e-7 (torch clamps it at 1e-7); ``ns_method="gram"``
+    iterates on the Gram matrix (the same polynomial, https://tridao.me/blog/2026/gram-newton-schulz/), in fp32
+    on CPUs without fp16 matmul (as our CPU path) and in fp16 on GPUs (torch: bf16); DeepSpeed torch.compiles it.
+
+    Why a client optimizer rather than DeepSpeed's config optimizer ``"muon"``: that one tags parameters by name
+    (2-D and not named "embed"/"lm_head"), which would put our ``wte``/``wpe`` on Muon; this keeps our split
+    (:func:`is_muon_param`), and the AdamW half is torch's AdamW with the recipe's betas/eps, as under DDP.
+    """
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    adamw = _adamw_kwargs(args, device_type)
+    for p in muon_group["params"]:
+        p.use_muon = True  # read by ZeRO per parameter (the group key below is read by the optimizer)
+    groups = [
+        dict(
+            muon_group,
+            use_muon=True,
+            lr=args.muon_learning_rate,
+            momentum=args.muon_momentum,
+            ns_method="gram",
+        )
+    ]
+    for g in adamw_groups:
+        for p in g["params"]:
+            p.use_muon = False
+        # betas/eps in every group: MuonWithAuxAdam fills missing ones with its own (0.9, 0.95) / 1e-10, which
+        # would win over the AdamW kwargs
+        groups.append(dict(g, use_muon=False, lr=adamw["lr"], betas=adamw["betas"], eps=adamw["eps"]))
+    return MuonWithAuxAdam(groups, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs=adamw)
+
+
+def check_deepspeed_runs_muon(engine: Any) -> str:
+    """After ``accelerator.prepare``: prove DeepSpeed steps Muon, never silently something else (its known traps:
+    stage 0 ran plain SGD, ``zero.Init`` switched Muon off, Accelerate's offload swaps in CPU Adam). Returns the
+    optimizer chain for the log; raises if DeepSpeed replaced the optimizer or will not orthogonalise."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    zero = engine.optimizer
+    inner = getattr(zero, "optimizer", None)
+    chain = f"{type(zero).__name__}({type(inner).__name__})"
+    muon = [i for i, g in enumerate(getattr(inner, "param_groups", [])) if g.get("use_muon")]
+    if (
+        not isinstance(inner, MuonWithAuxAdam)
+        or not hasattr(zero, "_is_muon_group")
+        or not muon
+        or not all(zero._is_muon_group(zero.bit16_groups[i]) for i in muon)
+    ):
+        raise RuntimeError(
+            f"optim=muon: DeepSpeed built {chain}, which would not orthogonalise the Muon matrices; refusing to "
+            "train with another optimizer than the recipe's. Launch with accelerate_configs/ddp.yaml or set "
+            "optim=adamw_torch"
+        )
+    return chain
 
 
 # ---------------------------------------------------------------------------------------------------------------

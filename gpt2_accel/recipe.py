@@ -207,7 +207,11 @@ class TrainingArguments:
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.95, "AdamW beta2 (0.95 as GPT-3/nanoGPT).")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this; 0 disables clipping.")
+    max_grad_norm: float = _f(
+        1.0,
+        "Clip the gradient norm to this; 0 disables clipping. optim=muon under DeepSpeed needs 0 (DeepSpeed would "
+        "clip Muon's orthogonalised update instead).",
+    )
     bf16: bool = _f(
         False, "bf16 mixed precision (GPUs with bf16). Neither bf16 nor fp16 = the launch config's."
     )
@@ -257,8 +261,9 @@ class TrainingArguments:
         "adamw_torch",
         "Optimizer: 'adamw_torch' (AdamW on every parameter; 'adamw_torch_fused' is the same, fused where torch "
         "can) or 'muon' (torch.optim.Muon on the 2-D hidden matrices of the blocks, AdamW with learning_rate, "
-        "adam_* and weight_decay on embeddings, LM head, gains and biases). Muon runs in one process and under "
-        "DDP; DeepSpeed and FSDP are refused (they shard the matrices Muon orthogonalises).",
+        "adam_* and weight_decay on embeddings, LM head, gains and biases). Muon runs in one process, under DDP "
+        "and under DeepSpeed ZeRO-1/2 with max_grad_norm=0 (DeepSpeed's own Muon); ZeRO-3, stage 0, optimizer "
+        "offload and FSDP are refused (docs/distributed.md).",
     )
     muon_learning_rate: float = _f(
         0.02,

@@ -34,7 +34,13 @@ from .locate import OPENAI_GPT2
 from .logs import quiet_save
 from .loop import Periodic, TrainLogger
 from .metrics import JsonlTracker, flops_per_token, peak_flops, plot_loss_curve
-from .optim import attach_forced_weight_norm, build_optimizer, check_optimizer_mode, set_lr
+from .optim import (
+    attach_forced_weight_norm,
+    build_optimizer,
+    check_deepspeed_runs_muon,
+    check_optimizer_mode,
+    set_lr,
+)
 from .recipe import Recipe, RecipeError, build_recipe, load_recipe
 from .run_files import TrainerState
 
@@ -188,8 +194,14 @@ class Trainer:
             check_launch(dist, acc.state.deepspeed_plugin.zero_stage if self._deepspeed else None)
         if self._deepspeed:
             zero = acc.state.deepspeed_plugin.zero_stage
+            zero_cfg = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+            offload = zero_cfg.get("offload_optimizer", {}).get("device", "none")
             check_optimizer_mode(
-                t, "deepspeed", f" (ZeRO stage {zero}, from {self.launch.source or 'the launch'})"
+                t,
+                "deepspeed",
+                f" (ZeRO stage {zero}, from {self.launch.source or 'the launch'})",
+                zero_stage=zero,
+                offload_optimizer=offload not in (None, "none"),
             )
         elif dist == DistributedType.FSDP:
             check_optimizer_mode(t, "fsdp", f" (from {self.launch.source or 'the launch'})")
@@ -279,12 +291,14 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters()) - (
             wpe.weight.numel() if wpe is not None else 0
         )
-        self.optimizer = build_optimizer(self.model, t, acc.device.type)
+        self.optimizer = build_optimizer(self.model, t, acc.device.type, deepspeed=self._deepspeed)
         attach_forced_weight_norm(self.model, self.optimizer, acc.distributed_type.value)  # EDM2 models only
         model = self.model
         if t.torch_compile:
             model = torch.compile(model)
         self.model_engine, self.optimizer = acc.prepare(model, self.optimizer)
+        if self._deepspeed and t.optim == "muon":
+            logger.info("optimizer: DeepSpeed %s", check_deepspeed_runs_muon(self.model_engine))
         if self.teacher is not None:
             # on every rank, never prepared (no DDP wrapper, no optimizer), in the student's dtype
             dtype = next(self.model_engine.parameters()).dtype
