@@ -503,11 +503,13 @@ def export(
 ) -> Path:
     """Export the gpt2_accel model at ``source`` (run directory, checkpoint, Hub id) to ``output``."""
     from .convert import _load_ours
+    from .fold import plain_model
     from .sample import load_tokenizer, resolve_model_path
 
     outtype = check_request(fmt, outtype, output, overwrite)
     path = resolve_model_path(source)
-    model = _load_ours(path)
+    # A magnitude-preserving model exports as the plain model its constants fold into (gpt2_accel.fold).
+    model = plain_model(_load_ours(path))
     check_expressible(model.config, fmt)
     tokenizer = load_tokenizer(path)
     if tokenizer is None and model.config.vocab_size == 50257:  # GPT-2's vocabulary: the bundled BPE
