@@ -299,3 +299,18 @@ def test_gguf_and_onnx_of_an_mp_gpt2_run_compute_its_logits(mp_runs, tmp_path):
     print(f"llama.cpp: max |logit diff| {(logits - want).abs().max().item():.2e}, span {span:.1f}")
     torch.testing.assert_close(logits, want, atol=1e-3 * span, rtol=0)
     assert got == _greedy(ours, x, 16)  # a 20-step run: mostly newlines and commas, as transformers gives
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_formats_that_lack_the_folded_class_refuse_naming_it_and_convert_writes_it(fmt, tmp_path, capsys):
+    """speedrun.yaml's blocks fold into a NanoChat: `convert --to-hf` writes it; GGUF (no NanoChat writer) and ONNX
+    (GPT-2 graphs only) refuse before writing, naming the class."""
+    from gpt2_accel.cli.convert import main as convert_main
+
+    trained_mp(**SPEEDRUN).save_pretrained(tmp_path / "run")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(tmp_path / "run"), "--format", fmt, "--output", str(out)])
+    assert exit_info.value.code == 2 and "nanochat" in capsys.readouterr().err and not out.exists()
+    assert convert_main(["--to-hf", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0
+    assert "wrote NanoChatForCausalLM" in capsys.readouterr().out
