@@ -120,8 +120,8 @@ def _blockers(cfg: GPT2AccelConfig, model_type: str) -> list[str]:
         b.append(f"attn_type={cfg.attn_type!r} (only softmax attention exists there)")
     if cfg.attention_sinks:
         b.append("attention_sinks=True")
-    if getattr(cfg, "magnitude_preserving", False):  # mp_sum residuals, normalised weights: no standard block
-        b.append("magnitude_preserving=True")
+    if getattr(cfg, "magnitude_preserving", False):  # mp_sum residuals, normalised weights: fold them first
+        b.append("magnitude_preserving=True (fold it first: gpt2_accel.fold.plain_model, as to_hf does)")
     if model_type == "gpt2":
         if cfg.position_embedding_type != "learned":
             b.append(f"position_embedding_type={cfg.position_embedding_type!r}")
@@ -161,7 +161,14 @@ def _blockers(cfg: GPT2AccelConfig, model_type: str) -> list[str]:
 
 
 def export_class(cfg: GPT2AccelConfig) -> str:
-    """The model_type of the standard class that computes ``cfg`` exactly; a ValueError naming the blockers else."""
+    """The model_type of the standard class that computes ``cfg`` exactly; a ValueError naming the blockers else.
+
+    A magnitude-preserving config is judged by the plain config it folds into (gpt2_accel.fold): that is what
+    :func:`to_hf` exports."""
+    if getattr(cfg, "magnitude_preserving", False):
+        from .fold import folded_config
+
+        cfg = folded_config(cfg)
     blockers = {mt: _blockers(cfg, mt) for mt in ("gpt2", *_ROTARY_CLASSES)}
     for mt, b in blockers.items():
         if not b:
@@ -291,9 +298,14 @@ def _to_rotary_state(model: GPT2AccelForCausalLM, model_type: str) -> dict[str, 
 
 
 def to_hf(model: GPT2AccelForCausalLM):
-    """Our model as the standard transformers class that computes it exactly (see :func:`export_class`)."""
+    """Our model as the standard transformers class that computes it exactly (see :func:`export_class`).
+
+    A magnitude-preserving model is first folded into the plain model with the same logits (gpt2_accel.fold)."""
     from transformers import AutoModelForCausalLM
 
+    from .fold import plain_model
+
+    model = plain_model(model)
     model_type = export_class(model.config)
     if model_type == "gpt2":
         return to_hf_gpt2(model)

@@ -6,6 +6,8 @@ that computes it exactly (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``Qwen3ForC
 ``model_type``). GGUF is written from that directory with the ``gguf`` package (the library llama.cpp's own
 converter uses); each architecture the writer knows is one entry of :data:`GGUF_ARCHS` (``gpt2``, ``llama``,
 ``qwen3``), and :func:`gguf_blockers` names what llama.cpp cannot compute in a config before anything is written.
+A magnitude-preserving (EDM2) model is first folded into the plain model with the same logits
+(:mod:`gpt2_accel.fold`), and exported as that.
 
 ONNX is exported from our module with torch's dynamo exporter as two graphs, the layout Optimum and
 onnxruntime-genai use for decoders: ``decoder_model.onnx`` (the prompt: ``input_ids`` -> ``logits`` and the
@@ -503,11 +505,13 @@ def export(
 ) -> Path:
     """Export the gpt2_accel model at ``source`` (run directory, checkpoint, Hub id) to ``output``."""
     from .convert import _load_ours
+    from .fold import plain_model
     from .sample import load_tokenizer, resolve_model_path
 
     outtype = check_request(fmt, outtype, output, overwrite)
     path = resolve_model_path(source)
-    model = _load_ours(path)
+    # A magnitude-preserving model exports as the plain model its constants fold into (gpt2_accel.fold).
+    model = plain_model(_load_ours(path))
     check_expressible(model.config, fmt)
     tokenizer = load_tokenizer(path)
     if tokenizer is None and model.config.vocab_size == 50257:  # GPT-2's vocabulary: the bundled BPE
