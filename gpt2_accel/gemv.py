@@ -188,12 +188,13 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // Blocks of 4 output rows. A thread's share is at least ~128 KB of weights (or the same amount of work with
-  // several inputs), so a small matrix is not cut into pieces whose hand-off between threads costs more than
-  // reading them.
+  // Blocks of 4 output rows. A thread's share is at least ~4 MB of weights (or as much work with several
+  // inputs): on a shared 2-core host each hand-off to a second thread can wait milliseconds for it to be
+  // scheduled, so only the big matrix of a small model (its LM head) is split; the blocks' matrices (~2 MB
+  // at 384 wide) run on the calling thread (measured: docs/performance.md).
   const int64_t blocks = (N + 3) / 4;
   const int64_t block_cost = 4 * K * w.element_size() * std::max<int64_t>(1, M / 2);
-  const int64_t grain = std::max<int64_t>(1, (128 * 1024) / std::max<int64_t>(1, block_cost));
+  const int64_t grain = std::max<int64_t>(1, (4 << 20) / std::max<int64_t>(1, block_cost));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     const int64_t o0 = b0 * 4, o1 = std::min(N, b1 * 4);
     if (q)
@@ -228,7 +229,7 @@ def kernel():
             from torch.utils.cpp_extension import load_inline
 
             _state["module"] = load_inline(
-                name="gpt2_accel_gemv_v3",  # bump with the source: the on-disk cache is keyed by name and source
+                name="gpt2_accel_gemv_v4",  # bump with the source: the on-disk cache is keyed by name and source
                 cpp_sources=_SOURCE,
                 functions=["gemv"],
                 # -fopenmp: at::parallel_for is a header template that runs threads only when compiled with

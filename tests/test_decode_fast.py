@@ -50,12 +50,13 @@ def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         (3, 130, 385),
         (5, 1537, 64),
         (33, 9, 40),
-        (1, 5000, 64),
-        (4, 3001, 17),
+        (1, 33001, 65),
+        (64, 9001, 33),
     ],
 )
 def test_kernel_equals_the_float64_product(kernel, M, N, K, threads):
-    """fp32 and int8 weights, with and without bias; (1, 5000, 64) and (4, 3001, 17) are split over 2 threads."""
+    """fp32 and int8 weights, with and without bias. With 2 threads the kernel splits a product of more than
+    ~8 MB of weights (or as much work): (1, 33001, 65) fp32 and (64, 9001, 33) fp32 and int8 are split."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
