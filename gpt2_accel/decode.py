@@ -7,13 +7,14 @@ small model's step. This loop keeps only the work:
 
 * a static KV cache: one (B, n_head, prompt + new, head_dim) buffer per layer, written in place (no concat);
 * the blocks' LayerNorms and :func:`causal_attention`, so every attention variant decodes as the forward does;
-* on CPU, every matrix (the LM head and the blocks' Linear layers) with a few rows of input (one decoded token per
-  prompt, up to :data:`gpt2_accel.gemv.MAX_ROWS` prompts) goes through :mod:`gpt2_accel.gemv`'s kernel, which
-  streams each weight row once in ``nn.Linear``'s own layout; longer inputs (the prompt) go through
-  ``F.linear``. Where the kernel cannot be built (or ``kernel=False``) every matrix is ``x @ W^T`` with ``W^T``
-  stored (in, out) contiguous: on the 2-core development CPU the (50304 x 384) head's matrix-vector product
-  through ``F.linear`` ran ~1.8x slower than ``torch.mm`` with the transposed copy (interleaved, best of 5);
-  those copies double the weights' memory while sampling;
+* on CPU, the blocks' Linear layers for a few rows of input (one decoded token per prompt, up to
+  :data:`gpt2_accel.gemv.MAX_ROWS` prompts), and the LM head from 2 rows on, go through :mod:`gpt2_accel.gemv`'s
+  kernel, which reads each weight row once in ``nn.Linear``'s own layout; longer inputs (the prompt) go through
+  torch. The head for one row, and every matrix where the kernel cannot be built (or ``kernel=False``), is
+  ``x @ W^T`` with ``W^T`` stored (in, out) contiguous: on the 2-core development CPU the (50304 x 384) head's
+  matrix-vector product through ``F.linear`` ran ~1.8x slower than ``torch.mm`` with the transposed copy, and
+  ~2x faster than the kernel (which wins on the blocks' matrices, which stay in cache, and on 2-32 rows,
+  where MKL's small-M product is 4-8x slower than one row; docs/performance.md);
 * optionally (``quantize="int8"``, CPU) weight-only int8: every matrix stored as int8 with one fp32 scale per
   output row (:func:`gpt2_accel.gemv.quantize_int8`), a quarter of the bytes to read per token; activations,
   LayerNorms, attention and the KV cache stay fp32. Greedy tokens then follow the quantised model, which is
@@ -101,7 +102,10 @@ class Decoder:
             )
         self.quantize = quantize
         # The head's real rows only (vocab_size of the padded rows), then the blocks' Linear layers.
-        self.head = _Matrix(w[: self.cfg.vocab_size], None, quantize, transpose=self.kernel is None)
+        # fp32 keeps the head's (in, out) copy even with the kernel: for one row, MKL's x @ W^T streamed the 77 MB
+        # head of the reference shape faster than the kernel (the blocks' matrices, which stay in cache, and
+        # 2-32 rows go faster through the kernel; docs/performance.md).
+        self.head = _Matrix(w[: self.cfg.vocab_size], None, quantize, transpose=True)
         self.lin = [
             {name: _Matrix.of(getattr(block.attn, n) if "attn" in name else getattr(block.mlp, n), quantize,
                               transpose=self.kernel is None)
@@ -129,7 +133,9 @@ class Decoder:
     def _linear(self, x: torch.Tensor, m: _Matrix) -> torch.Tensor:
         """``F.linear(x, W, b)`` for (..., in) -> (..., out) through the kernel, ``F.linear`` or ``x @ W^T``."""
         x2 = x.reshape(-1, x.size(-1))  # (M, in)
-        if self.kernel is not None and (x2.size(0) <= gemv.MAX_ROWS or m.scale is not None):
+        rows = x2.size(0)
+        one_row_mm = rows == 1 and m.wt is not None and self.kernel is not None and m is self.head
+        if self.kernel is not None and (m.scale is not None or (rows <= gemv.MAX_ROWS and not one_row_mm)):
             y = self.kernel.gemv(x2.contiguous(), m.w, m.scale, m.b)
         elif m.wt is not None:  # the torch path: (in, out) copy
             y = torch.addmm(m.b, x2, m.wt) if m.b is not None else torch.mm(x2, m.wt)

@@ -118,7 +118,9 @@ def test_kernel_decoder_greedy_equals_generate(kernel, batch):
     model = tiny_model(initializer_range=0.2)
     prompt = torch.randint(0, 128, (batch, 5), generator=torch.Generator().manual_seed(batch))
     dec = Decoder(model)
-    assert dec.kernel is kernel and dec.head.wt is None  # no transposed copies on the kernel path
+    assert (
+        dec.kernel is kernel and dec.lin[0]["mlp_in"].wt is None
+    )  # no transposed block copies with the kernel
     got = dec.generate(prompt, 20)
     assert torch.equal(got, _generate(model, prompt, 20))
     assert torch.equal(got, Decoder(model, kernel=False).generate(prompt, 20))
@@ -136,7 +138,7 @@ def test_without_a_compiler_decoding_falls_back_to_torch(tmp_path, monkeypatch, 
     assert "could not build the CPU decoding kernel" in caplog.text
     model = tiny_model(initializer_range=0.2)
     dec = Decoder(model)
-    assert dec.kernel is None and dec.head.wt is not None
+    assert dec.kernel is None and dec.lin[0]["mlp_in"].wt is not None
     prompt = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(0))
     assert torch.equal(dec.generate(prompt, 16), _generate(model, prompt, 16))
     with pytest.raises(ValueError, match=r"needs gpt2_accel\.gemv's CPU kernel, which could not be built"):
