@@ -1,10 +1,11 @@
 """Matrix-vector products for batch-1 CPU decoding (``gpt2_accel.decode``): a small C++ kernel, or torch.
 
 At batch 1 a decoded token reads every weight once, so decoding speed is how fast the matrix-vector products
-stream the weights from memory. torch's CPU kernels leave bandwidth unused on the shapes we decode: on the
-2-core development CPU the (50304 x 384) LM head ran at 6-8 GB/s through ``F.linear`` / ``torch.mv`` and 10-21
-GB/s through ``x @ W^T`` with a transposed copy (docs/performance.md), against 14-18 GB/s for a plain ``sum``.
-The kernel below reads each weight row once, contiguously, as GEMV needs:
+stream the weights from memory. On the 2-core development CPU torch's kernels are uneven on the shapes we decode
+(docs/performance.md): the (50304 x 384) LM head ran at 6-8 GB/s through ``F.linear`` / ``torch.mv`` and 10-21
+GB/s through ``x @ W^T`` with a transposed copy (MKL; faster than this kernel for that one product, so the
+decoder keeps it there), the blocks' small matrices pay per-call overhead, and 2-32 input rows take MKL 4-8x the
+time of one. The kernel below reads each weight row once, contiguously:
 
 * weights in ``nn.Linear``'s own (out, in) row-major layout (no copy), each output an AVX2/FMA dot product of a
   weight row with the input rows (up to :data:`MAX_ROWS` inputs share each weight row read);
@@ -16,8 +17,8 @@ The kernel below reads each weight row once, contiguously, as GEMV needs:
 
 It is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja; cached under
 ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, so later runs load it in well under a second).
-Where it cannot be built (no compiler, no AVX2) :func:`kernel` returns None once with a warning, and
-:func:`linear` computes the same product with torch (same values up to fp32 summation order).
+Where it cannot be built (no compiler, no AVX2) :func:`kernel` returns None once with a warning, and the decoder
+computes the same products with torch (same values up to fp32 summation order).
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ logger = logging.getLogger(__name__)
 
 MAX_ROWS = 32
 """Most input rows (batch x positions) sent to the fp32 kernel; more (a long prompt) go to torch's BLAS, which is
-compute-bound there and better at it. Up to 32 the kernel was faster than ``x @ W^T`` on every decoding shape
-measured (1-32 rows: MKL's small-M products of the (50304 x 384) head took 4-8x the one-row time; see
-docs/performance.md)."""
+compute-bound there and better at it. From 2 to 32 rows the kernel was faster than ``x @ W^T`` on every decoding
+shape measured (MKL's small-M products of the (50304 x 384) head took 4-8x its one-row time; docs/performance.md)."""
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -255,21 +255,3 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (N,)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.contiguous(), scale.contiguous()
-
-
-def linear(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    module=None,
-) -> torch.Tensor:
-    """``F.linear(x, w * scale[:, None], bias)`` for 2-D fp32 ``x`` (M, K) and ``w`` (N, K) fp32 or int8.
-
-    Uses the kernel ``module`` (from :func:`kernel`) when given, else torch (int8 weights are then
-    dequantised per call: correct, not fast)."""
-    if module is not None:
-        return module.gemv(x, w, scale, bias)
-    if scale is not None:
-        w = w.float() * scale[:, None]
-    return torch.nn.functional.linear(x, w, bias)
