@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 
 import torch
 
@@ -206,6 +207,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
 }
 """
 
+_NAME = "gpt2_accel_gemv_v4"  # bump with the source: the on-disk cache is keyed by name and source
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -228,8 +230,9 @@ def kernel():
         try:
             from torch.utils.cpp_extension import load_inline
 
+            _announce_build(_NAME)
             _state["module"] = load_inline(
-                name="gpt2_accel_gemv_v4",  # bump with the source: the on-disk cache is keyed by name and source
+                name=_NAME,
                 cpp_sources=_SOURCE,
                 functions=["gemv"],
                 # -fopenmp: at::parallel_for is a header template that runs threads only when compiled with
@@ -246,6 +249,18 @@ def kernel():
                 str(e).strip().splitlines()[-1] if str(e).strip() else "",
             )
         return _state["module"]
+
+
+def _announce_build(name: str) -> None:
+    """Say so when the kernel is about to be compiled (not cached yet): the first sample waits 1-5 minutes."""
+    try:  # a private helper of torch's: where load_inline builds and caches ``name``
+        from torch.utils.cpp_extension import _get_build_directory
+
+        built = any(p.suffix == ".so" for p in Path(_get_build_directory(name, verbose=False)).glob("*"))
+    except Exception:
+        return
+    if not built:
+        logger.warning("compiling gpt2_accel's CPU decoding kernel (first use only, 1-5 min; then cached)")
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
