@@ -1,7 +1,7 @@
 """Generation speed on CPU/GPU: what `gpt2-accel sample` runs against transformers' generate() and simpler loops,
 at batch 1 against the memory-bandwidth floor, and with several prompts decoded together (issues 9 and 19).
 
-    python benchmarks/bench_generate.py        # issue 19's figures, < 4 min: ref shape, batch 1, 8, 32
+    python benchmarks/bench_generate.py        # issue 19's figures, ~6 min on 2 idle cores: ref shape, batch 1, 8, 32
     python benchmarks/bench_generate.py --shape ref,124m --prompt 1,256 --methods recompute,cache-loop,generate,fast
     python benchmarks/bench_generate.py --quick                  # tiny smoke run
 
@@ -15,14 +15,19 @@ Shapes (256 new greedy tokens): ``ref`` = the reference model (6 layers, 6 heads
 * ``generate``: transformers' ``generate()`` on our model (greedy, cache): the loop above plus its per-token
   machinery (logits processors, stopping criteria, input preparation).
 * ``fast``: ``gpt2_accel.decode.Decoder``, what ``gpt2-accel sample`` runs (``--batch_size`` rows at once): a
-  static KV cache and the matrices through transposed copies of their weights (issue 19).
+  static KV cache and, on CPU, the matrices through gpt2_accel.gemv's kernel (issue 19).
+* ``fast-torch``: the same decoder with torch's products (transposed weight copies, ``x @ W^T``): what sample
+  runs where the kernel cannot be built, and the kernel's baseline.
+* ``fast-int8``: the decoder with weight-only int8 matrices (``gpt2-accel sample --quantize int8``). Its tokens
+  are the quantised model's: they are compared with the others and reported, not required to be equal. Its
+  batch-1 line gives both the fp32 floor and its own floor (its bytes: int8 matrices, fp32 scales and the rest).
 
 The batch-1 floor is printed first: bytes of weights (each decoded token reads all of them once) over the memory
 read bandwidth measured in the same run (best of 7 sums over a 512 MB buffer); each batch-1 method's tokens/s is
 also given as a percentage of it. ``--batch 1,8,32`` decodes that many prompts together (tokens/s counts every
 row; above batch 1 the weights are read once per step for all rows, so the floor no longer bounds it).
 
-Every method must produce the same tokens; the script checks it (exit status 1 otherwise). Reported: median wall
+Every fp32 method must produce the same tokens; the script checks it (exit status 1 otherwise). Reported: median wall
 time and process CPU time (all threads; steadier on a shared host) per method, and the median of per-round ratios
 against the first method given (``recompute`` when it runs). The load average is printed with every round: figures
 taken at a load above the thread count are those of a loaded machine.
@@ -87,23 +92,33 @@ def generate_recompute(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_to
     return ids
 
 
-@torch.no_grad()
-def generate_fast(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """gpt2_accel.decode.Decoder, what `gpt2-accel sample` runs: static cache, transposed LM head."""
+def decoder(model: GPT2AccelForCausalLM, **kwargs):
+    """The gpt2_accel.decode.Decoder of ``model`` with these options, built once (as sample builds it once)."""
     from gpt2_accel.decode import Decoder
 
-    dec = getattr(model, "_bench_decoder", None)
-    if dec is None:  # built once per model, as sample builds it once per run
-        dec = model._bench_decoder = Decoder(model)
-    return dec.generate(prompt, new_tokens)
+    cache = model.__dict__.setdefault("_bench_decoders", {})
+    key = tuple(sorted(kwargs.items()))
+    if key not in cache:
+        cache[key] = Decoder(model, **kwargs)
+    return cache[key]
+
+
+def fast_method(**kwargs) -> Callable:
+    def run(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        return decoder(model, **kwargs).generate(prompt, new_tokens)
+
+    return run
 
 
 METHODS: dict[str, Callable] = {
     "recompute": generate_recompute,
     "cache-loop": generate_cache_loop,
     "generate": generate_hf,
-    "fast": generate_fast,
+    "fast": fast_method(),  # what `gpt2-accel sample` runs
+    "fast-torch": fast_method(kernel=False),
+    "fast-int8": fast_method(quantize="int8"),
 }
+EXACT = {"fast-int8": False}  # methods whose tokens need not equal the others' (a quantised model)
 
 
 def read_bandwidth(mb: int = 512, rounds: int = 7) -> float:
@@ -148,6 +163,7 @@ def run_case(
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     outs = {m: METHODS[m](model, prompt, 4) for m in methods}  # warm-up (allocator, BLAS threads)
+    res: dict = {}
     wall: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(rounds):
@@ -160,10 +176,15 @@ def run_case(
             f"  round {r + 1}/{rounds} (load {os.getloadavg()[0]:.2f}): "
             + "  ".join(f"{m} {wall[m][-1]:.2f} s (cpu {cpu[m][-1]:.2f})" for m in methods)
         )
-    ref = outs[methods[0]]
-    same = all(torch.equal(o, ref) for o in outs.values())
+    exact = [m for m in methods if EXACT.get(m, True)]
+    ref = outs[exact[0]] if exact else None
+    same = all(torch.equal(outs[m], ref) for m in exact)
+    for m in methods:
+        if not EXACT.get(m, True) and ref is not None:
+            new = outs[m][:, prompt_len:] == ref[:, prompt_len:]  # (B, new)
+            first = (~new).int().argmax(1).where(~new.all(1), torch.tensor(new.size(1)))
+            res[f"agree:{m}"] = (new.float().mean().item(), first.min().item(), new.size(1))
     base = methods[0]  # speed-ups are against the first method
-    res = {}
     for m in methods:
         sw = statistics.median(a / b for a, b in zip(wall[base], wall[m], strict=True))
         sc = statistics.median(a / b for a, b in zip(cpu[base], cpu[m], strict=True))
@@ -186,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--methods",
-        default="generate,fast",
-        help="comma-separated subset of " + ",".join(METHODS) + " (default generate,fast)",
+        default="generate,fast,fast-torch,fast-int8",
+        help="comma-separated subset of "
+        + ",".join(METHODS)
+        + " (default generate,fast,fast-torch,fast-int8)",
     )
     p.add_argument(
         "--batch",
@@ -230,15 +253,27 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     res = run_case(model, prompt_len, a.new, a.rounds, methods, batch)
                     ok &= res.pop("identical")
+                    agree = {k.split(":", 1)[1]: res.pop(k) for k in list(res) if k.startswith("agree:")}
                     for m, (w, c, sw, sc) in res.items():
                         tps = batch * a.new / w
                         of_floor = f"  {100 * (a.new / w) * floor:5.1f}% of floor" if batch == 1 else ""
+                        if batch == 1 and m == "fast-int8":
+                            own = decoder(model, quantize="int8").weight_bytes() / bw  # s per token
+                            of_floor += (
+                                f", {100 * (a.new / w) * own:5.1f}% of its own ({1 / own:.1f} tokens/s)"
+                            )
                         print(
                             f"  {m:<11}{tps:8.1f} tokens/s  wall {w:6.2f} s  cpu {c:6.2f} s  "
                             f"vs {methods[0]}: wall {sw:5.2f}x  cpu {sc:5.2f}x{of_floor}"
                         )
+                    for m, (frac, first, n) in agree.items():
+                        print(
+                            f"  {m}: {100 * frac:.1f}% of its greedy tokens equal the fp32 methods'; first "
+                            f"difference at new token {first} of {n}" + (" (none)" if first == n else "")
+                        )
     print(
-        f"greedy tokens identical across methods: {ok}; {time.perf_counter() - t_start:.0f} s, "
+        f"greedy tokens identical across methods: {ok} (fp32 methods; fast-int8 reported above); "
+        f"{time.perf_counter() - t_start:.0f} s, "
         f"load {os.getloadavg()[0]:.2f}"
     )
     return 0 if ok else 1

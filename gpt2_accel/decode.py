@@ -7,17 +7,27 @@ small model's step. This loop keeps only the work:
 
 * a static KV cache: one (B, n_head, prompt + new, head_dim) buffer per layer, written in place (no concat);
 * the blocks' LayerNorms and :func:`causal_attention`, so every attention variant decodes as the forward does;
-* every matrix (the LM head and the blocks' Linear layers) as ``x @ W^T`` with ``W^T`` stored (in, out)
-  contiguous: on this 2-core CPU the (50304 x 384) head's matrix-vector product through ``F.linear`` ran ~1.8x
-  slower than ``torch.mm`` with the transposed copy (interleaved, best of 5). The copies double the weights'
-  memory while sampling;
+* on CPU, the blocks' Linear layers for a few rows of input (one decoded token per prompt, up to
+  :data:`gpt2_accel.gemv.MAX_ROWS` prompts), and the LM head from 2 rows on, go through :mod:`gpt2_accel.gemv`'s
+  kernel, which reads each weight row once in ``nn.Linear``'s own layout; longer inputs (the prompt) go through
+  torch. The head for one row, and every matrix where the kernel cannot be built (or ``kernel=False``), is
+  ``x @ W^T`` with ``W^T`` stored (in, out) contiguous: on the 2-core development CPU the (50304 x 384) head's
+  matrix-vector product through ``F.linear`` ran ~1.8x slower than ``torch.mm`` with the transposed copy, and
+  ~2x faster than the kernel (which wins on the blocks' matrices, which stay in cache, and on 2-32 rows,
+  where MKL's small-M product is 4-8x slower than one row; docs/performance.md);
+* optionally (``quantize="int8"``, CPU) weight-only int8: every matrix stored as int8 with one fp32 scale per
+  output row (:func:`gpt2_accel.gemv.quantize_int8`), a quarter of the bytes to read per token; activations,
+  LayerNorms, attention and the KV cache stay fp32. Greedy tokens then follow the quantised model, which is
+  close to the fp32 one, not equal (tests/test_decode_fast.py bounds the difference);
 * on CUDA, ``compile=True`` compiles the one-token step over the full-length buffer (a fixed shape, keys past the
   current position masked) with CUDA graphs (``mode="reduce-overhead"``), the known lever for small-batch GPU
   decoding (gpt-fast, PyTorch blog 2023).
 
 Sampling follows ``generate()``'s order and conventions: temperature, then top-k, then top-p (the smallest set of
 likeliest tokens whose mass reaches top_p, the most likely always kept), then one ``torch.multinomial`` draw.
-Greedy (``temperature == 0``) tokens equal ``generate()``'s (tests/test_sample.py).
+Greedy (``temperature == 0``) tokens equal ``generate()``'s (tests/test_sample.py, tests/test_decode_fast.py):
+the kernel sums in another order than torch's BLAS, so logits differ by fp32 rounding (~1e-6 relative), which
+changes a greedy token only where the two likeliest logits tie to that precision.
 """
 
 from __future__ import annotations
@@ -25,7 +35,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import gemv
 from .attention import causal_attention
+
+QUANTIZE = (None, "int8")
+"""Weight formats :class:`Decoder` decodes with (``None`` = the model's own weights)."""
 
 
 def supports_fast_decoding(model) -> bool:
@@ -54,25 +68,84 @@ def supports_fast_decoding(model) -> bool:
 class Decoder:
     """Greedy or sampled continuation of a batch of equal-length prompts with a static KV cache."""
 
-    def __init__(self, model, *, compile: bool = False, static: bool | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        compile: bool = False,
+        static: bool | None = None,
+        quantize: str | None = None,
+        kernel: bool = True,
+    ):
         """``compile`` (CUDA only) compiles the fixed-shape step with CUDA graphs; ``static`` forces the
-        fixed-shape step without compiling (default: only when compiling)."""
+        fixed-shape step without compiling (default: only when compiling). ``quantize="int8"`` (CPU, fp32 models)
+        decodes with weight-only int8 matrices. ``kernel=False`` keeps torch's matrix products on CPU (the path
+        taken anyway where :mod:`gpt2_accel.gemv`'s kernel cannot be built)."""
         self.model = model.eval()
         self.cfg = model.config
         self.t = model.transformer
-        # (n_embd, vocab_size): the head's real rows only, transposed once (see module docstring).
-        self.head_t = model.lm_head.weight[: self.cfg.vocab_size].detach().t().contiguous()
-        # The blocks' Linear layers, transposed the same way: (in, out) weights for torch.addmm.
+        w = model.lm_head.weight
+        on_cpu_fp32 = w.device.type == "cpu" and w.dtype == torch.float32
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        if quantize and not on_cpu_fp32:
+            raise ValueError(
+                f"quantize={quantize!r} decodes fp32 weights on the CPU; this model is {w.dtype} on {w.device}. "
+                "Load it in float32 on the CPU (gpt2-accel sample --device cpu --dtype float32), or leave "
+                "quantization off"
+            )
+        self.kernel = gemv.kernel() if (on_cpu_fp32 and (kernel or quantize)) else None
+        if quantize and self.kernel is None:
+            raise ValueError(
+                f"quantize={quantize!r} needs gpt2_accel.gemv's CPU kernel, which could not be built here (see the "
+                "warning above: it needs g++, ninja and an AVX2 CPU); decode without quantization instead"
+            )
+        self.quantize = quantize
+        # The head's real rows only (vocab_size of the padded rows), then the blocks' Linear layers.
+        # fp32 keeps the head's (in, out) copy even with the kernel: for one row, MKL's x @ W^T streamed the 77 MB
+        # head of the reference shape faster than the kernel (the blocks' matrices, which stay in cache, and
+        # 2-32 rows go faster through the kernel; docs/performance.md).
+        self.head = _Matrix(w[: self.cfg.vocab_size], None, quantize, transpose=True)
         self.lin = [
-            {name: _transposed(getattr(block.attn, n) if "attn" in name else getattr(block.mlp, n))
+            {name: _Matrix.of(getattr(block.attn, n) if "attn" in name else getattr(block.mlp, n), quantize,
+                              transpose=self.kernel is None)
              for name, n in (("attn_qkv", "c_attn"), ("attn_out", "c_proj"), ("mlp_in", "c_fc"), ("mlp_out", "c_proj"))}
             for block in self.t.h
         ]  # fmt: skip
-        compile = compile and next(model.parameters()).device.type == "cuda"
+        compile = compile and w.device.type == "cuda"
         self.static = compile if static is None else (static or compile)
         self.step = self._step_static if self.static else self._step
         if compile:
             self.step = torch.compile(self._step_static, mode="reduce-overhead", fullgraph=True)
+
+    def weight_bytes(self) -> int:
+        """Bytes one decoded token reads at batch 1 in the format decoded (int8 matrices count 1 byte a weight
+        plus their scales): the matrices, and every other parameter (LayerNorms, position embeddings) once; the
+        token embedding's one row is not counted when it is tied to the head. The batch-1 floor's numerator."""
+        mats = [self.head, *(m for lin in self.lin for m in lin.values())]
+        skip = {id(self.model.lm_head.weight), id(self.t.wte.weight)}
+        for block in self.t.h:
+            for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                skip |= {id(p) for p in layer.parameters()}
+        rest = sum(p.numel() * p.element_size() for p in self.model.parameters() if id(p) not in skip)
+        return sum(m.nbytes() for m in mats) + rest
+
+    def _linear(self, x: torch.Tensor, m: _Matrix) -> torch.Tensor:
+        """``F.linear(x, W, b)`` for (..., in) -> (..., out) through the kernel, ``F.linear`` or ``x @ W^T``."""
+        x2 = x.reshape(-1, x.size(-1))  # (M, in)
+        rows = x2.size(0)
+        one_row_mm = rows == 1 and m.wt is not None and self.kernel is not None and m is self.head
+        if self.kernel is not None and (m.scale is not None or (rows <= gemv.MAX_ROWS and not one_row_mm)):
+            y = self.kernel.gemv(x2.contiguous(), m.w, m.scale, m.b)
+        elif m.wt is not None:  # the torch path: (in, out) copy
+            y = torch.addmm(m.b, x2, m.wt) if m.b is not None else torch.mm(x2, m.wt)
+        else:
+            y = F.linear(x2, m.w, m.b)
+        return y.view(*x.shape[:-1], y.size(-1))
+
+    def _mlp(self, x: torch.Tensor, lin: dict) -> torch.Tensor:
+        """GPT-2's MLP (GPT2AccelMLP.forward)."""
+        return self._linear(F.gelu(self._linear(x, lin["mlp_in"]), approximate="tanh"), lin["mlp_out"])
 
     # -------------------------------------------------------------------------------------------- the network
     def _blocks(self, x: torch.Tensor, start: int, end: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -83,7 +156,7 @@ class Decoder:
         impl = "eager" if self.cfg._attn_implementation == "eager" else "sdpa"
         for i, block in enumerate(self.t.h):
             lin = self.lin[i]
-            q, k, v = _linear(block.ln_1(x), lin["attn_qkv"]).split(C, dim=2)  # 3 x (B, T, C)
+            q, k, v = self._linear(block.ln_1(x), lin["attn_qkv"]).split(C, dim=2)  # 3 x (B, T, C)
             q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
             self.k[i][:, :, start:end] = k.view(B, T, nh, hs).transpose(1, 2)
             self.v[i][:, :, start:end] = v.view(B, T, nh, hs).transpose(1, 2)
@@ -97,12 +170,12 @@ class Decoder:
                 attention_mask=mask,
                 implementation=impl,
             )  # (B, nh, T, hs)
-            x = x + _linear(y.transpose(1, 2).reshape(B, T, C), lin["attn_out"])
-            x = x + _mlp(block.ln_2(x), lin)
+            x = x + self._linear(y.transpose(1, 2).reshape(B, T, C), lin["attn_out"])
+            x = x + self._mlp(block.ln_2(x), lin)
         return self.t.ln_f(x)  # (B, T, C)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.mm(h, self.head_t.to(h.dtype))  # (B, C) @ (C, V) -> (B, V)
+        return self._linear(h, self.head)  # (B, C) -> (B, V)
 
     def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
         T = ids.size(1)
@@ -125,15 +198,15 @@ class Decoder:
         hs = C // nh
         for i, block in enumerate(self.t.h):
             lin = self.lin[i]
-            q, k, v = _linear(block.ln_1(x), lin["attn_qkv"]).split(C, dim=2)
+            q, k, v = self._linear(block.ln_1(x), lin["attn_qkv"]).split(C, dim=2)
             q = q.view(B, 1, nh, hs).transpose(1, 2)
             self.k[i].index_copy_(2, pos[None], k.view(B, 1, nh, hs).transpose(1, 2))
             self.v[i].index_copy_(2, pos[None], v.view(B, 1, nh, hs).transpose(1, 2))
             y = causal_attention(
                 q, self.k[i], self.v[i], self.cfg.attn_type, self.cfg.n_positions, attention_mask=mask
             )
-            x = x + _linear(y.transpose(1, 2).reshape(B, 1, C), lin["attn_out"])
-            x = x + _mlp(block.ln_2(x), lin)
+            x = x + self._linear(y.transpose(1, 2).reshape(B, 1, C), lin["attn_out"])
+            x = x + self._mlp(block.ln_2(x), lin)
         return self._logits(self.t.ln_f(x)[:, -1])
 
     @torch.inference_mode()
@@ -195,22 +268,30 @@ class Decoder:
         return out
 
 
-def _transposed(layer: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    w = layer.weight.detach().t().contiguous()  # (in, out)
-    return w, (layer.bias.detach() if layer.bias is not None else None)
+class _Matrix:
+    """One weight matrix as the decoder reads it: ``w`` (out, in) fp32 (the parameter itself, no copy) or int8
+    with ``scale`` (out,); ``wt`` the (in, out) copy for torch's path; ``b`` the bias or None."""
 
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, quantize: str | None, transpose: bool):
+        w = w.detach()
+        self.b = b.detach() if b is not None else None
+        self.scale = None
+        self.wt = None
+        if quantize == "int8":
+            self.w, self.scale = gemv.quantize_int8(w)
+        else:
+            self.w = w.contiguous()
+            if transpose:
+                self.wt = w.t().contiguous()
 
-def _linear(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """``F.linear`` with an (in, out) weight: (..., in) -> (..., out)."""
-    w, b = wb
-    x2 = x.reshape(-1, x.size(-1))
-    y = torch.addmm(b, x2, w) if b is not None else torch.mm(x2, w)
-    return y.view(*x.shape[:-1], w.size(1))
+    @classmethod
+    def of(cls, layer: torch.nn.Linear, quantize: str | None, transpose: bool) -> _Matrix:
+        return cls(layer.weight, layer.bias, quantize, transpose)
 
-
-def _mlp(x: torch.Tensor, lin: dict) -> torch.Tensor:
-    """GPT-2's MLP (GPT2AccelMLP.forward) through the transposed weights."""
-    return _linear(F.gelu(_linear(x, lin["mlp_in"]), approximate="tanh"), lin["mlp_out"])
+    def nbytes(self) -> int:
+        """Bytes read per product (the weights in the format used, its scales and bias)."""
+        t = [self.wt if self.wt is not None else self.w, self.scale, self.b]
+        return sum(x.numel() * x.element_size() for x in t if x is not None)
 
 
 def _choose(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:

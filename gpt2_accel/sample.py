@@ -82,6 +82,7 @@ def generate_samples(
     stream: bool = False,
     compile: bool = False,
     batch_size: int = 1,
+    quantize: str | None = None,
 ) -> list[str]:
     """Generate ``num_samples`` continuations of ``prompt``; return the full texts (prompt + continuation).
 
@@ -90,7 +91,8 @@ def generate_samples(
     compiles our model's decoding step with CUDA graphs (see gpt2_accel.decode). ``batch_size`` samples are decoded
     together (one forward per token for all of them: more tokens/s, benchmarks/bench_generate.py); greedy rows are
     the same as one at a time, sampled ones are other draws of the same distribution (the seed still fixes them).
-    Streaming prints one sample at a time, so it needs ``batch_size`` 1.
+    Streaming prints one sample at a time, so it needs ``batch_size`` 1. ``quantize="int8"`` decodes our model
+    on the CPU with weight-only int8 matrices (gpt2_accel.decode; close to fp32, not equal).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -144,7 +146,14 @@ def generate_samples(
 
     # Our model decodes with a static KV cache and no per-token generate() machinery (gpt2_accel.decode), a batch
     # of equal-length prompts as well as one; other transformers models go through generate().
-    decoder = Decoder(model, compile=compile) if supports_fast_decoding(model) else None
+    fast = supports_fast_decoding(model)
+    if quantize and not fast:
+        raise ValueError(
+            f"quantize={quantize!r} applies to gpt2_accel's GPT-2-block models, which gpt2_accel.decode decodes; "
+            f"{type(model).__name__} ({model.config.model_type}) samples through transformers' generate(): "
+            "leave quantization off for it"
+        )
+    decoder = Decoder(model, compile=compile, quantize=quantize) if fast else None
     torch.manual_seed(seed)
     texts = []
     for i in range(0, num_samples, batch_size):

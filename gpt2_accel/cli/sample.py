@@ -47,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         help="samples decoded together (faster per token; implies --no-stream when > 1; default 1)",
     )
     p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="CPU, our fp32 models: decode with weight-only int8 matrices (a quarter of the bytes per token; "
+        "tokens close to fp32's, not equal; docs/performance.md). Default none",
+    )
+    p.add_argument(
         "--no-stream",
         "--no_stream",
         dest="stream",
@@ -67,20 +74,25 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model_and_tokenizer(args.model, device, getattr(torch, args.dtype))
     except (OSError, ValueError) as e:
         return error(f"could not load model {args.model!r}: {e}", 1)
-    texts = generate_samples(
-        model,
-        tokenizer,
-        read_prompt(args.prompt),
-        num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stream=stream,
-        compile=args.compile,
-        batch_size=args.batch_size,
-    )
+    quantize = None if args.quantize == "none" else args.quantize
+    try:
+        texts = generate_samples(
+            model,
+            tokenizer,
+            read_prompt(args.prompt),
+            num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stream=stream,
+            compile=args.compile,
+            batch_size=args.batch_size,
+            quantize=quantize,
+        )
+    except ValueError as e:  # the arguments were checked above: a --quantize that cannot apply to this model
+        return error(e)
     if not stream:
         for text in texts:
             print(text)
