@@ -21,21 +21,23 @@ from gpt2_accel.modeling_gpt2_accel import mp_normalize
 from gpt2_accel.optim import attach_forced_weight_norm
 
 MP = dict(magnitude_preserving=True, bias=False, norm_elementwise_affine=False)
-SPEEDRUN = dict(
+NANOCHAT = dict(
     position_embedding_type="rope", norm_type="rmsnorm", mlp_type="relu2", qk_norm=True
-)  # its blocks
+)  # nanochat's blocks (ReLU^2)
 ROPE_SWIGLU = dict(position_embedding_type="rope", norm_type="rmsnorm", mlp_type="swiglu")
+SPEEDRUN = dict(ROPE_SWIGLU, qk_norm=True)  # recipes/speedrun.yaml's blocks
 
 # name -> (options on top of MP, the standard class the fold exports as)
 CASES = {
     "gpt2_tied": ({}, "gpt2"),
     "gpt2_untied_padded": (dict(tie_word_embeddings=False, pad_vocab_size_multiple=48), "gpt2"),
-    "speedrun_tied": (SPEEDRUN, "nanochat"),
-    "speedrun_untied_gqa_softcap": (
-        dict(SPEEDRUN, tie_word_embeddings=False, n_kv_head=2, final_logit_softcapping=15.0),
+    "speedrun_tied": (SPEEDRUN, "qwen3"),
+    "nanochat_tied": (NANOCHAT, "nanochat"),
+    "nanochat_untied_gqa_softcap": (
+        dict(NANOCHAT, tie_word_embeddings=False, n_kv_head=2, final_logit_softcapping=15.0),
         "nanochat",
     ),
-    "speedrun_own_embedding_norm": (dict(SPEEDRUN, norm_after_embedding=True), "nanochat"),
+    "nanochat_own_embedding_norm": (dict(NANOCHAT, norm_after_embedding=True), "nanochat"),
     "llama": (ROPE_SWIGLU, "llama"),
     "qwen3_sliding": (
         dict(
@@ -141,7 +143,7 @@ def test_fold_with_the_default_epsilon_is_within_the_stated_bound(name):
 @pytest.mark.parametrize("gain", [-1.5, 0.0])
 def test_a_tied_head_with_a_gain_of_zero_or_below_is_untied(gain):
     """A tied head keeps the embedding scaled by gain / sqrt(C): a gain <= 0 would flip or erase the stream."""
-    mp = trained_mp(gain=gain, layer_norm_epsilon=0.0, **SPEEDRUN).double()
+    mp = trained_mp(gain=gain, layer_norm_epsilon=0.0, **NANOCHAT).double()
     folded, report = fold_magnitude_preserving(mp)
     assert not report.tied and not folded.config.tie_word_embeddings
     x = ids(t=20)
@@ -160,7 +162,7 @@ def test_the_fold_leaves_the_model_alone_and_plain_models_pass_through():
 
 
 def test_embedding_rows_of_different_rms_are_refused_where_nanochat_normalises_them():
-    mp = trained_mp(**SPEEDRUN)
+    mp = trained_mp(**NANOCHAT)
     with torch.no_grad():
         mp.transformer.wte.weight[3] *= 0.01  # stored rows no longer normalised: mp_normalize gives RMS 0.99
     with pytest.raises(ValueError, match=r"embedding rows have one RMS; they differ by .*tolerance 1e-06"):
@@ -186,7 +188,8 @@ TRAIN = dict(
     report_to=["none"], **MP,
 )  # fmt: skip
 RUNS = {
-    "speedrun": (dict(SPEEDRUN), "NanoChatForCausalLM"),  # recipes/speedrun.yaml's blocks, tied head
+    "speedrun": (dict(SPEEDRUN), "Qwen3ForCausalLM"),  # recipes/speedrun.yaml's blocks, tied head
+    "nanochat": (dict(NANOCHAT), "NanoChatForCausalLM"),
     "gpt2_untied": (dict(tie_word_embeddings=False), "GPT2LMHeadModel"),
 }
 PROMPT = "ROMEO: But soft, what light"
@@ -301,13 +304,37 @@ def test_gguf_and_onnx_of_an_mp_gpt2_run_compute_its_logits(mp_runs, tmp_path):
     assert got == _greedy(ours, x, 16)  # a 20-step run: mostly newlines and commas, as transformers gives
 
 
+@pytest.mark.slow
+def test_gguf_of_a_speedrun_run_runs_in_llama_cpp_as_qwen3(mp_runs, tmp_path):
+    """recipes/speedrun.yaml's blocks (rope, RMSNorm, SwiGLU, QK-norm) fold into a Qwen3, which llama.cpp runs."""
+    from gguf import GGUFReader
+    from test_export import _greedy, _llama_cpp, _llama_cpp_run
+
+    _llama_cpp()
+    run = mp_runs / "speedrun"
+    ours, x = _ours(run), _tokens(run, PROMPT)
+    gguf = tmp_path / "speedrun.gguf"
+    assert export_main([str(run), "--format", "gguf", "--output", str(gguf)]) == 0
+    arch = GGUFReader(str(gguf)).fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "qwen3"
+    tokens, logits, got = _llama_cpp_run(gguf, x, 16)
+    assert tokens == x
+    want = _logits(ours, torch.tensor([x]))[0, -1]
+    span = (want.max() - want.min()).item()
+    print(
+        f"llama.cpp (qwen3 fold): max |logit diff| {(logits - want).abs().max().item():.2e}, span {span:.1f}"
+    )
+    torch.testing.assert_close(logits, want, atol=1e-3 * span, rtol=0)
+    assert got == _greedy(ours, x, 16)
+
+
 @pytest.mark.parametrize("fmt", ["gguf", "onnx"])
 def test_formats_that_lack_the_folded_class_refuse_naming_it_and_convert_writes_it(fmt, tmp_path, capsys):
-    """speedrun.yaml's blocks fold into a NanoChat: `convert --to-hf` writes it; GGUF (no NanoChat writer) and ONNX
+    """nanochat's blocks fold into a NanoChat: `convert --to-hf` writes it; GGUF (no NanoChat writer) and ONNX
     (GPT-2 graphs only) refuse before writing, naming the class."""
     from gpt2_accel.cli.convert import main as convert_main
 
-    trained_mp(**SPEEDRUN).save_pretrained(tmp_path / "run")
+    trained_mp(**NANOCHAT).save_pretrained(tmp_path / "run")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         export_main([str(tmp_path / "run"), "--format", fmt, "--output", str(out)])
