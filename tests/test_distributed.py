@@ -433,6 +433,7 @@ def _zero_checkpoint_logits(state_dir: Path, model_dir: Path) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["deepspeed_zero1.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_deepspeed_zero_trains_like_ddp_exports_and_resumes(config, tokens, reference, tmp_path):
     pytest.importorskip("deepspeed")
     run = tmp_path / "run"
@@ -463,6 +464,7 @@ def test_deepspeed_zero_trains_like_ddp_exports_and_resumes(config, tokens, refe
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_deepspeed_zero3_cpu_offload_trains_like_ddp(tokens, reference, tmp_path):
     pytest.importorskip("deepspeed")
     run = tmp_path / "run"
@@ -510,6 +512,7 @@ def test_two_processes_equal_one_process_with_modern_blocks(tokens, modern_refer
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_deepspeed_zero3_with_modern_blocks_trains_like_one_process(tokens, modern_reference, tmp_path):
     pytest.importorskip("deepspeed")
     one = modern_reference
@@ -597,6 +600,7 @@ def test_muon_two_processes_equal_one_process_with_accumulation(tokens, referenc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["deepspeed_zero1.yaml", "deepspeed_zero2.yaml"])
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_muon_under_deepspeed_is_refused_before_any_step(config, tokens, tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "run"

@@ -300,6 +300,7 @@ def lora_one_process(tmp_path_factory) -> tuple[Path, list[str], Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["cpu.yaml", "deepspeed_zero2.yaml"])
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_lora_with_two_processes_trains_like_one(config, lora_one_process, tmp_path):
     if "deepspeed" in config:
         pytest.importorskip("deepspeed")
