@@ -121,3 +121,35 @@ def trained_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("trained") / "tiny-run"
     Trainer(**TRAINED_RUN_KEYS, output_dir=str(run)).train()
     return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed's CPU ops, compiled once before the launches that load them
+# ---------------------------------------------------------------------------------------------------------------
+# Every DeepSpeed launch on CPU loads the shared-memory all-reduce (deepspeed.comm, ShareMemCommBuilder) and the
+# offload config DeepSpeedCPUAdam (CPUAdamBuilder); both are compiled just in time into ~/.cache/torch_extensions.
+# A first compile takes 1-2 minutes on 2 idle cores and several on loaded ones, inside a launch whose ranks have a
+# 240 s timeout. Compiling here first, under its own timeout, keeps those launches to training (when two xdist
+# workers get here together, torch's build lock makes one wait for the other's build). Every test that launches
+# DeepSpeed carries @pytest.mark.usefixtures("deepspeed_ops").
+_BUILD_DEEPSPEED_OPS = """
+import deepspeed.ops
+from deepspeed.accelerator import get_accelerator
+for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
+"""
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops() -> None:
+    """DeepSpeed's JIT-compiled CPU ops, built (or found built) before any DeepSpeed launch of this session."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return  # the tests that need it skip, naming the extra
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", _BUILD_DEEPSPEED_OPS], env=env, capture_output=True, text=True,
+                          timeout=1800)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -261,17 +261,22 @@ def test_push_uploads_the_adapter_with_a_card_naming_the_base(base, tmp_path, mo
 # ---------------------------------------------------------------------------------------------------------------
 # several processes
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("config", ["cpu.yaml", "deepspeed_zero2.yaml"])
-def test_lora_with_two_processes_trains_like_one(config, tmp_path):
-    if "deepspeed" in config:
-        pytest.importorskip("deepspeed")
+def _test_distributed():
     sys.path.insert(0, str(Path(__file__).parent))
     import test_distributed as td
 
+    return td
+
+
+@pytest.fixture(scope="module")
+def lora_one_process(tmp_path_factory) -> tuple[Path, list[str], Path]:
+    """A LoRA run on one process with gradient accumulation 2 (the reference of the 2-process runs): its data, its
+    LoRA keys and its run directory."""
+    td = _test_distributed()
     from gpt2_accel import GPT2AccelConfig, GPT2AccelForCausalLM
     from gpt2_accel.tokenization import get_tokenizer
 
+    tmp_path = tmp_path_factory.mktemp("lora2")
     data = tmp_path / "train.bin"
     import numpy as np
 
@@ -288,8 +293,20 @@ def test_lora_with_two_processes_trains_like_one(config, tmp_path):
     ).save_pretrained(base)
     lora = [f"--init_from={base}", "--use_peft=true", "--lora_r=4", "--lora_dropout=0.0", "--max_steps=5",
             "--learning_rate=1e-2"]  # fmt: skip
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
     td._run(td._launch("cpu.yaml", 1, data, one, *lora, "--gradient_accumulation_steps=2"))
+    return data, lora, one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["cpu.yaml", "deepspeed_zero2.yaml"])
+@pytest.mark.usefixtures("deepspeed_ops")
+def test_lora_with_two_processes_trains_like_one(config, lora_one_process, tmp_path):
+    if "deepspeed" in config:
+        pytest.importorskip("deepspeed")
+    td = _test_distributed()
+    data, lora, one = lora_one_process
+    two = tmp_path / "two"
     proc = td._run(td._launch(config, 2, data, two, *lora))
     assert "processes=2" in proc.stdout + proc.stderr
     td._assert_same_losses(td._losses(two), td._losses(one))

@@ -170,6 +170,7 @@ def _assert_trains_like(run: Path, ref: Path, proc: subprocess.CompletedProcess)
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_ops")
 @pytest.mark.parametrize("config", ["deepspeed_zero1.yaml", "deepspeed_zero2.yaml"])
 def test_muon_under_deepspeed_zero_trains_like_one_process_and_resumes_bitwise(
     config,
@@ -197,6 +198,7 @@ def test_muon_under_deepspeed_zero_trains_like_one_process_and_resumes_bitwise(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_muon_under_deepspeed_zero2_with_accumulation_steps_momentum_once_per_step(
     tokens,  # noqa: F811  (test_distributed's fixture)
     muon_reference,
@@ -213,6 +215,7 @@ def test_muon_under_deepspeed_zero2_with_accumulation_steps_momentum_once_per_st
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("deepspeed_ops")
 @pytest.mark.parametrize(
     "config, args, message",
     [
