@@ -65,7 +65,8 @@ def demote_routine_lines() -> None:
 
 @contextlib.contextmanager
 def quiet_save() -> Iterator[None]:
-    """Hide transformers' "Writing model shards" bar of a routine save_pretrained (shown at debug level)."""
+    """Hide transformers' progress bar of a routine save or load ("Writing model shards", "Loading weights"); shown
+    at debug level."""
     from transformers.utils import logging as hf_logging
 
     if (

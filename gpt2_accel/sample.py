@@ -30,8 +30,11 @@ def load_model_and_tokenizer(model: str, device: str = "cpu", dtype: torch.dtype
 
     # Importing this module imported gpt2_accel, which registered our Auto classes; trust_remote_code=True lets
     # other custom-code checkpoints load too.
+    from .logs import quiet_save
+
     path = resolve_model_path(model)
-    lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    with quiet_save():  # transformers' "Loading weights" bar is noise before the samples
+        lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
     lm.to(device).eval()
     tok = load_tokenizer(path)
     if tok is None:

@@ -46,7 +46,9 @@ def hf_gpt2(tmp_path_factory):
 
 def _cli(capsys, *argv) -> str:
     assert main(list(argv)) == 0
-    return capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "Loading weights" not in err  # the console shows the samples, not transformers' loading bar
+    return out
 
 
 def test_same_seed_same_text_different_seed_different(ours, capsys):
