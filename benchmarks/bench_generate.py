@@ -4,6 +4,7 @@ at batch 1 against the memory-bandwidth floor, and with several prompts decoded 
     python benchmarks/bench_generate.py        # issue 19's figures, ~6 min on 2 idle cores: ref shape, batch 1, 8, 32
     python benchmarks/bench_generate.py --shape ref,124m --prompt 1,256 --methods recompute,cache-loop,generate,fast
     python benchmarks/bench_generate.py --quick                  # tiny smoke run
+    python benchmarks/bench_generate.py --device cuda --dtype bfloat16   # the GPU levers (methods below)
 
 Shapes (256 new greedy tokens): ``ref`` = the reference model (6 layers, 6 heads, 384 wide, vocab 50257 padded to
 50304, fp32) with 512 positions so that a 256-token prompt + 256 new tokens fit; ``124m`` = GPT-2 124M (12 layers,
@@ -18,12 +19,16 @@ Shapes (256 new greedy tokens): ``ref`` = the reference model (6 layers, 6 heads
   static KV cache and, on CPU, the matrices through gpt2_accel.gemv's kernel (issue 19).
 * ``fast-torch``: the same decoder with torch's products (transposed weight copies, ``x @ W^T``): what sample
   runs where the kernel cannot be built, and the kernel's baseline.
+* ``fast-static`` / ``fast-compile``: the decoder's fixed-shape step (a full-length KV buffer, later slots masked)
+  eager, and compiled with CUDA graphs (``gpt2-accel sample --compile``; ``torch.compile(mode="reduce-overhead")``):
+  the GPU levers of issue 19 (static cache, compiled decode step, CUDA graphs). Compilation happens in the warm-up.
+* ``generate-static``: ``generate(cache_implementation="static")``, transformers' own static cache on our model.
 * ``fast-int8``: the decoder with weight-only int8 matrices (``gpt2-accel sample --quantize int8``). Its tokens
   are the quantised model's: they are compared with the others and reported, not required to be equal. Its
   batch-1 line gives both the fp32 floor and its own floor (its bytes: int8 matrices, fp32 scales and the rest).
 
 The batch-1 floor is printed first: bytes of weights (each decoded token reads all of them once) over the memory
-read bandwidth measured in the same run (best of 7 sums over a 512 MB buffer); each batch-1 method's tokens/s is
+read bandwidth measured in the same run (best of 7 sums over a 512 MB buffer, 2 GB on a GPU); each batch-1 method's tokens/s is
 also given as a percentage of it. ``--batch 1,8,32`` decodes that many prompts together (tokens/s counts every
 row; above batch 1 the weights are read once per step for all rows, so the floor no longer bounds it).
 
@@ -64,6 +69,20 @@ def generate_hf(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: i
         min_new_tokens=new_tokens,
         do_sample=False,
         use_cache=True,
+        pad_token_id=0,
+    )
+
+
+@torch.no_grad()
+def generate_hf_static(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """generate() with transformers' StaticCache (a fixed-size buffer written in place)."""
+    return model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        cache_implementation="static",
         pad_token_id=0,
     )
 
@@ -114,22 +133,32 @@ METHODS: dict[str, Callable] = {
     "recompute": generate_recompute,
     "cache-loop": generate_cache_loop,
     "generate": generate_hf,
+    "generate-static": generate_hf_static,
     "fast": fast_method(),  # what `gpt2-accel sample` runs
     "fast-torch": fast_method(kernel=False),
     "fast-int8": fast_method(quantize="int8"),
+    "fast-static": fast_method(static=True),
+    "fast-compile": fast_method(compile=True),
 }
 EXACT = {"fast-int8": False}  # methods whose tokens need not equal the others' (a quantised model)
 
 
-def read_bandwidth(mb: int = 512, rounds: int = 7) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth(mb: int = 512, rounds: int = 7, device: str = "cpu") -> float:
     """Memory read bandwidth in bytes/s: best of ``rounds`` sums over an ``mb`` MB fp32 buffer (far beyond the
-    caches), with the torch threads in use. The batch-1 decoding floor is weight bytes / this."""
-    buf = torch.ones(mb * 2**20 // 4)
+    caches), with the torch threads in use (on a GPU, its memory). The batch-1 decoding floor is weight bytes / this."""
+    buf = torch.ones(mb * 2**20 // 4, device=device)
     buf.sum()
     best = float("inf")
     for _ in range(rounds):
+        _sync(buf.device)
         t0 = time.perf_counter()
         buf.sum()
+        _sync(buf.device)
         best = min(best, time.perf_counter() - t0)
     return buf.numel() * 4 / best
 
@@ -139,7 +168,7 @@ def weight_bytes(model: GPT2AccelForCausalLM) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def build(shape: str, vocab: int) -> GPT2AccelForCausalLM:
+def build(shape: str, vocab: int, device: str = "cpu", dtype: str = "float32") -> GPT2AccelForCausalLM:
     n_layer, n_head, n_embd, n_positions = SHAPES[shape]
     config = GPT2AccelConfig(
         vocab_size=vocab,
@@ -153,34 +182,42 @@ def build(shape: str, vocab: int) -> GPT2AccelForCausalLM:
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return GPT2AccelForCausalLM(config).eval()
+    return GPT2AccelForCausalLM(config).eval().to(device=device, dtype=getattr(torch, dtype))
 
 
 def run_case(
     model: GPT2AccelForCausalLM, prompt_len: int, new: int, rounds: int, methods: list[str], batch: int = 1
 ) -> dict:
-    """Interleaved rounds of every method; returns {method: (median wall, median cpu, median speed-up)}."""
+    """Interleaved rounds of every method; returns {method: (median wall, median cpu, median speed-up)}.
+
+    fp32 methods must produce the same tokens; in bf16 the methods round differently (another product shape,
+    another kernel), so each method's agreement with the first is reported instead."""
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    outs = {m: METHODS[m](model, prompt, 4) for m in methods}  # warm-up (allocator, BLAS threads)
+    dev = model.device
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
+    # warm-up (allocator, BLAS threads; on a GPU the compiled step and its CUDA graph, at this batch size)
+    outs = {m: METHODS[m](model, prompt, 4) for m in methods}
     res: dict = {}
     wall: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(rounds):
         for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
+            _sync(dev)
             t0, c0 = time.perf_counter(), time.process_time()
             outs[m] = METHODS[m](model, prompt, new)
+            _sync(dev)
             wall[m].append(time.perf_counter() - t0)
             cpu[m].append(time.process_time() - c0)
         print(
             f"  round {r + 1}/{rounds} (load {os.getloadavg()[0]:.2f}): "
             + "  ".join(f"{m} {wall[m][-1]:.2f} s (cpu {cpu[m][-1]:.2f})" for m in methods)
         )
+    fp32 = model.dtype == torch.float32
     exact = [m for m in methods if EXACT.get(m, True)]
     ref = outs[exact[0]] if exact else None
-    same = all(torch.equal(outs[m], ref) for m in exact)
+    same = all(torch.equal(outs[m], ref) for m in exact) if fp32 else True
     for m in methods:
-        if not EXACT.get(m, True) and ref is not None:
+        if (not EXACT.get(m, True) or not fp32) and ref is not None and m != exact[0]:
             new = outs[m][:, prompt_len:] == ref[:, prompt_len:]  # (B, new)
             first = (~new).int().argmax(1).where(~new.all(1), torch.tensor(new.size(1)))
             res[f"agree:{m}"] = (new.float().mean().item(), first.min().item(), new.size(1))
@@ -207,16 +244,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--methods",
-        default="generate,fast,fast-torch,fast-int8",
+        default=None,
         help="comma-separated subset of "
         + ",".join(METHODS)
-        + " (default generate,fast,fast-torch,fast-int8)",
+        + " (default on CPU generate,fast,fast-torch,fast-int8; on a GPU generate,generate-static,fast,"
+        "fast-static,fast-compile)",
     )
     p.add_argument(
         "--batch",
         default="1,8,32",
         help="comma-separated batch sizes (prompts decoded together; default 1,8,32)",
     )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (methods default to the ones that run there)")
+    p.add_argument("--dtype", default="float32", help="the model's dtype: float32 or bfloat16 (GPU)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
@@ -229,17 +269,24 @@ def main(argv: list[str] | None = None) -> int:
             "1",
             "1,4",
         )
-    methods = a.methods.split(",")
+    gpu = a.device != "cpu"
+    default = (
+        "generate,generate-static,fast,fast-static,fast-compile"
+        if gpu
+        else "generate,fast,fast-torch,fast-int8"
+    )
+    methods = (a.methods or default).split(",")
     ok = True
     t_start = time.perf_counter()
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {a.new} new greedy tokens"
+        + (f"; {torch.cuda.get_device_name(a.device)}" if gpu else "")
     )
     for shape in a.shape.split(","):
-        model = build(shape, a.vocab)
+        model = build(shape, a.vocab, a.device, a.dtype)
         for threads in (int(t) for t in a.threads.split(",")):
             torch.set_num_threads(threads)
-            bw = read_bandwidth()
+            bw = read_bandwidth(2048 if gpu else 512, device=a.device)
             floor = weight_bytes(model) / bw  # s per token at batch 1
             print(
                 f"{shape}: weights {weight_bytes(model) / 1e6:.1f} MB, read bandwidth {bw / 1e9:.1f} GB/s "
@@ -248,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             for batch in (int(b) for b in a.batch.split(",")):
                 for prompt_len in (int(x) for x in a.prompt.split(",")):
                     print(
-                        f"{shape} {SHAPES[shape]} vocab {a.vocab}, {threads} thread(s), batch {batch}, "
+                        f"{shape} {SHAPES[shape]} vocab {a.vocab}, {a.device} {a.dtype}, {threads} thread(s), batch {batch}, "
                         f"prompt {prompt_len}:"
                     )
                     res = run_case(model, prompt_len, a.new, a.rounds, methods, batch)
@@ -263,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f", {100 * (a.new / w) * own:5.1f}% of its own ({1 / own:.1f} tokens/s)"
                             )
                         print(
-                            f"  {m:<11}{tps:8.1f} tokens/s  wall {w:6.2f} s  cpu {c:6.2f} s  "
+                            f"  {m:<15}{tps:8.1f} tokens/s  wall {w:6.2f} s  cpu {c:6.2f} s  "
                             f"vs {methods[0]}: wall {sw:5.2f}x  cpu {sc:5.2f}x{of_floor}"
                         )
                     for m, (frac, first, n) in agree.items():

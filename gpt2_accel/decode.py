@@ -115,6 +115,7 @@ class Decoder:
         compile = compile and w.device.type == "cuda"
         self.static = compile if static is None else (static or compile)
         self.step = self._step_static if self.static else self._step
+        self.compiled = compile
         if compile:
             self.step = torch.compile(self._step_static, mode="reduce-overhead", fullgraph=True)
 
@@ -224,8 +225,15 @@ class Decoder:
     def _alloc(self, batch: int, total: int) -> None:
         w = self.t.wte.weight
         shape = (batch, self.cfg.n_head, total, self.cfg.n_embd // self.cfg.n_head)
+        if self.static and getattr(self, "k", None) and self.k[0].shape == shape:
+            return  # the fixed-shape step masks every slot past the current position: stale keys are never seen
         self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.t.h]
         self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.t.h]
+        if self.compiled:
+            # CUDA graphs replay fixed addresses: a cache the step writes in place must be a static input, or
+            # torch.compile skips CUDA graphs ("mutated inputs"); transformers' StaticCache marks its own the same way.
+            for t in (*self.k, *self.v):
+                torch._dynamo.mark_static_address(t)
 
     # -------------------------------------------------------------------------------------------- the loop
     @torch.inference_mode()
@@ -253,6 +261,10 @@ class Decoder:
         if streamer is not None:
             streamer.put(input_ids.cpu())
         logits = self._prefill(input_ids)
+        # The fixed-shape step takes its position as a device tensor, advanced in place: a fresh
+        # torch.tensor(pos, device="cuda") per token is a copy from pageable memory, which waits for the GPU to
+        # drain (CUDA's documented behaviour for such copies), so the CPU could never run ahead of the GPU.
+        pos_t = torch.tensor(T, device=input_ids.device) if self.static else None
         for i in range(max_new_tokens):
             tok = _choose(logits, temperature, top_k, top_p)  # (B,)
             out[:, T + i] = tok
@@ -260,9 +272,11 @@ class Decoder:
                 streamer.put(tok.cpu())
             if i == max_new_tokens - 1:
                 break
-            pos = T + i
-            arg = torch.tensor(pos, device=tok.device) if self.static else pos
-            logits = self.step(tok[:, None], arg)
+            if pos_t is None:
+                logits = self.step(tok[:, None], T + i)
+            else:
+                logits = self.step(tok[:, None], pos_t)
+                pos_t += 1
         if streamer is not None:
             streamer.end()
         return out

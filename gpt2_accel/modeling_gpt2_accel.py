@@ -448,6 +448,9 @@ class GPT2AccelModel(GPT2AccelPreTrainedModel):
 
         # None, or (B, 1, T, T_past + T) bool, or generate()'s {layer type: 4-D mask} for static caches
         mask = _attention_mask(attention_mask, T, past + T, x.device, self.config.sliding_window)
+        fixed = _fixed_cache_length(cache)
+        if fixed is not None:
+            mask = _fixed_cache_mask(mask, past, T, fixed, x.device, self.config.sliding_window)
 
         all_hidden = () if output_hidden_states else None
         for block in self.h:
@@ -505,6 +508,43 @@ def _attention_mask(
     band = torch.arange(t_k, device=device)[None, :] > q_pos - sliding_window  # (Tq, Tk)
     sliding = mask & band[None, None]
     return {"full_attention": full, "sliding_attention": sliding | ~sliding.any(dim=-1, keepdim=True)}
+
+
+def _fixed_cache_length(cache: Cache | None) -> int | None:
+    """The key length a fixed-size cache (transformers' ``StaticCache``) returns from every update, or None for a
+    cache that grows with the sequence (``DynamicCache``)."""
+    if cache is None or not getattr(cache, "is_compileable", False):
+        return None
+    layers = getattr(cache, "layers", None) or []
+    return getattr(layers[0], "max_cache_len", None) if layers else None
+
+
+def _fixed_cache_mask(
+    mask: torch.Tensor | dict | None, past, t_q: int, t_k: int, device, sliding_window: int | None
+) -> torch.Tensor | dict:
+    """Masks over a fixed-size cache's whole (t_k) buffer, whose slots past the filled ones hold zeros.
+
+    generate() passes no mask for an unpadded prefill (transformers' sdpa mask builder leaves a purely causal mask
+    to ``is_causal``), but a static cache returns all ``max_cache_len`` keys, so "the last Tq keys are the queries"
+    no longer holds: the causal rule must be spelled out (query i at position past + i sees keys 0..past + i).
+    4-D masks already over t_k pass through; 2-D-derived masks over the filled keys are padded with False.
+    """
+    if sliding_window is not None:
+        raise ValueError(
+            "a fixed-size (static) KV cache is not supported with sliding-window layers (config.sliding_window): "
+            "generate without cache_implementation='static' (the default dynamic cache keeps each window)"
+        )
+    if isinstance(mask, dict):
+        return {k: _fixed_cache_mask(m, past, t_q, t_k, device, None) for k, m in mask.items()}
+    q_pos = (
+        torch.arange(t_q, device=device)[:, None] + past
+    )  # (Tq, 1) absolute positions (past may be a tensor)
+    causal = (torch.arange(t_k, device=device)[None, :] <= q_pos)[None, None]  # (1, 1, Tq, Tk)
+    if mask is None:
+        return causal
+    if mask.size(-1) < t_k:  # built from a 2-D padding mask over the filled keys only
+        mask = F.pad(mask, (0, t_k - mask.size(-1)), value=False)
+    return mask & causal
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -273,14 +273,18 @@ def test_left_padded_batch_continues_like_each_prompt_alone(attn_type):
         assert torch.equal(together[i], alone), f"prompt {i}"
 
 
+@pytest.mark.parametrize("attn_type", ["SM", "GK"])
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_static_cache_generation_equals_dynamic_cache(attn_implementation):
-    # A static (compilable) cache makes generate() pass 4-D masks: boolean for sdpa, additive for eager.
-    model = tiny_model(attn_type="GK")
+def test_static_cache_generation_equals_dynamic_cache(attn_implementation, padded, attn_type):
+    # A static (compilable) cache makes generate() pass 4-D masks: boolean for sdpa, additive for eager. Unpadded,
+    # the prefill gets no mask at all while the cache returns its whole zero-filled buffer (the case that broke).
+    model = tiny_model(attn_type=attn_type)
     model.set_attn_implementation(attn_implementation)
     x = ids(2, 7)
     mask = torch.ones_like(x)
-    mask[0, :3] = 0
+    if padded:
+        mask[0, :3] = 0
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=mask)
     assert torch.equal(model.generate(x, cache_implementation="static", **kw), model.generate(x, **kw))
 
