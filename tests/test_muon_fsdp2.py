@@ -1,16 +1,17 @@
 """Muon under FSDP2 (torch ``fully_shard``, 2 ranks over gloo on CPU) against one process without FSDP.
 
-One launch of 2 ranks runs everything (tests/fsdp2.py's wrap policy, the optimizer built BEFORE sharding and its
-parameters swapped for the DTensor shards the way Accelerate's FSDP2 ``prepare`` does):
+One launch of 2 ranks runs everything below (tests/fsdp2.py's wrap policy; the optimizer is built BEFORE sharding
+and its parameters swapped for the DTensor shards the way Accelerate's FSDP2 ``prepare`` does):
 
+- given the same gradients, two steps == torch.optim.Muon's, bitwise (bf16 and float32 Newton-Schulz);
 - 10 steps of Muon + AdamW on FSDP2 shards == 10 steps of the same optimizer in one process on the whole batch;
-- the same 10 steps with Newton-Schulz on each rank's shard only, in one process: far from both (so the equality
-  above is what proves the matrices were orthogonalised whole);
+- the same 10 steps with Newton-Schulz on each rank's rows only, in one process: far off (so the equality above
+  is what proves the matrices were orthogonalised whole);
 - a DCP checkpoint of the sharded model and optimizer at step 5, resumed into a fresh model: steps 5-9 again,
   bitwise;
 - 3 steps with torch's own bf16 Newton-Schulz (the GPU path: the matrices travel in bf16).
 
-The model is 33 wide with 3 heads, so every block matrix splits unevenly over the 2 ranks (99 rows: 50 + 49).
+The model is 33 wide with 3 heads, so every block matrix splits unevenly over the 2 ranks (33 rows: 17 + 16).
 """
 
 from __future__ import annotations
@@ -193,50 +194,42 @@ def _run_ranks(script: Path, world: int, *args: str) -> None:
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
 
 
-@pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("muon_fsdp2")
-    script = tmp / "worker.py"
+@pytest.mark.slow  # one launch of 2 ranks: ~20 s on 2 idle cores, ~30 s loaded
+def test_fsdp2_muon_equals_one_process_torch_muon_and_resumes_bitwise(tmp_path):
+    """Everything from ONE launch (a single test, so xdist never splits it into two launches)."""
+    script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    _run_ranks(script, 2, str(tmp))
-    res = json.loads((tmp / "result.json").read_text())
+    _run_ranks(script, 2, str(tmp_path))
+    res = json.loads((tmp_path / "result.json").read_text())
     print({k: v for k, v in res.items() if k.startswith("err")})  # the figures docs/distributed.md quotes
-    return res
-
-
-def test_fsdp2_muon_equals_one_process_and_orthogonalises_whole_matrices(fsdp2_run):
-    res = fsdp2_run
     assert res["layout"].startswith("MuonWithAdamW on 8 matrices sharded over 2 ranks")
     # uneven shards: rank 0 holds 17 of 33 rows, 50 of 99
     assert res["local_rows"] == [[[33, 33], 17], [[33, 132], 17], [[99, 33], 50], [[132, 33], 66]]
     assert res["bufs_sharded"]  # Muon's momentum stays a sharded DTensor, like AdamW's moments
-    # the trajectories: FSDP2 == one process to fp32 rounding (the reduce-scatter sums in another order)
+
+    # 1) the same gradients handed to both (as DTensor shards / whole): after two steps, the weights and momentum
+    # buffers are torch.optim.Muon's to the bit, with its bf16 Newton-Schulz and with our float32 one
+    assert res["exact"] == {"bf16": True, "float32": True}
+
+    # 2) 10 steps, 2 ranks FSDP2 == one process on the whole batch, to fp32 rounding (the reduce-scatter sums in
+    # another order than one process's backward): Muon matrices ~2e-7, AdamW parameters ~6e-6 (AdamW divides
+    # near-zero gradients by their own magnitude, as in test_distributed's FSDP2 test)
     assert res["moved"] > 1e-2  # the weights did train
     assert max(abs(a - b) for a, b in zip(res["losses"], res["ref_losses"], strict=True)) < 1e-5
-    assert res["err_muon"] < 1e-5 and res["err"] < 1e-5, res
-    # Newton-Schulz on each rank's rows alone would be a different optimizer, thousands of times further away
+    assert res["err_muon"] < 2e-6 and res["err"] < 5e-5, res
+
+    # 3) Newton-Schulz on each rank's rows alone would be another optimizer, ~1e5 times further away
     assert res["err_local"] > 1e-2
     assert abs(res["local_losses"][-1] - res["ref_losses"][-1]) > 1e-3
 
-
-def test_fsdp2_muon_sharded_checkpoint_resumes_bitwise(fsdp2_run):
-    res = fsdp2_run
+    # 4) the DCP checkpoint of step 5, resumed in a fresh model: steps 5-9 again, bitwise
     assert res["resumed"] == res["losses"][5:], (res["resumed"], res["losses"][5:])
     assert res["resume_bitwise"], res["err_resume"]
 
-
-def test_fsdp2_muon_is_torch_muon_bitwise_given_the_same_gradients(fsdp2_run):
-    """The same gradients handed to both (as DTensor shards / whole): the weights and momentum buffers after two
-    steps are torch.optim.Muon's to the bit, with its bf16 Newton-Schulz and with our float32 one."""
-    assert fsdp2_run["exact"] == {"bf16": True, "float32": True}
-
-
-def test_fsdp2_muon_torch_bf16_newton_schulz_path(fsdp2_run):
-    """torch.optim.Muon's own bf16 iteration (what GPUs run), the matrices sent in bf16: equal to the one-process
-    run up to the bf16 rounding of updates that differ by fp32 rounding (a flipped last bf16 bit, x lr)."""
-    res = fsdp2_run
+    # 5) torch's own bf16 Newton-Schulz (the GPU path; the matrices travel in bf16): equal to one process up to
+    # the bf16 rounding of updates whose inputs differ by fp32 rounding (a flipped last bit, times the lr)
     assert max(abs(a - b) for a, b in zip(res["bf16_losses"], res["ref3_losses"], strict=True)) < 1e-5
-    assert res["err_bf16"] < 1e-3, res["err_bf16"]
+    assert res["err_bf16"] < 3e-3, res["err_bf16"]
 
 
 def test_muon_under_fsdp_needs_fsdp2_without_offload():
