@@ -135,8 +135,8 @@ def test_muon_newton_schulz_dtype_follows_where_the_matrices_are_at_step_time():
     model = tiny_model().train()
     opt = build_optimizer(model, TrainingArguments(optim="muon"), "cpu")
     assert opt.ns_float32 is None and opt.uses_float32_ns()
-    for p in model.parameters():
-        p.data = p.data.to("meta")  # the same Parameter objects, now off the CPU (as after prepare on a GPU)
+    for g in opt.param_groups:  # the groups now point at parameters off the CPU (as after prepare on a GPU)
+        g["params"] = [torch.nn.Parameter(torch.empty_like(p, device="meta")) for p in g["params"]]
     assert not opt.uses_float32_ns()
     opt.ns_float32 = True  # an explicit choice wins
     assert opt.uses_float32_ns()
