@@ -66,6 +66,7 @@ WORKER = textwrap.dedent(
         from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
         opt = build_optimizer(model, args, "cpu")
         opt.ns_float32 = ns_float32
+        opt.load_state_dict(opt.state_dict())  # what AcceleratedOptimizer does first (new group dicts)
         old = {n: p.data_ptr() for n, p in model.named_parameters()}
         for group in opt.param_groups:
             for i, p in enumerate(group["params"]):
