@@ -141,6 +141,15 @@ WORKER = textwrap.dedent(
             and all(torch.equal(bufs[n], ref_muon.state[ref4.get_parameter(n)]["momentum_buffer"]) for n in names)
         )
     res["exact"] = exact
+    # 5) a layout this code cannot reassemble (here: replicated, as tensor parallelism or HSDP would give) is refused
+    from torch.distributed.tensor import Replicate
+    from gpt2_accel.optim import fsdp2_shard_group
+    from gpt2_accel.recipe import RecipeError
+    try:
+        fsdp2_shard_group([distribute_tensor(torch.zeros(4, 4), model.transformer.h[0].attn.c_attn.weight.device_mesh,
+                                             [Replicate()])])
+    except RecipeError as e:
+        res["refused"] = str(e)
 
     if rank == 0:
         # the references, one process, no FSDP, the whole batch: our float32 Newton-Schulz on CPU ...
@@ -207,6 +216,7 @@ def test_fsdp2_muon_equals_one_process_torch_muon_and_resumes_bitwise(tmp_path):
     # uneven shards: rank 0 holds 17 of 33 rows, 50 of 99
     assert res["local_rows"] == [[[33, 33], 17], [[33, 132], 17], [[99, 33], 50], [[132, 33], 66]]
     assert res["bufs_sharded"]  # Muon's momentum stays a sharded DTensor, like AdamW's moments
+    assert "sharded on dim 0 over one 1-D mesh" in res["refused"] and "(Replicate(),)" in res["refused"]
 
     # 1) the same gradients handed to both (as DTensor shards / whole): after two steps, the weights and momentum
     # buffers are torch.optim.Muon's to the bit, with its bf16 Newton-Schulz and with our float32 one
