@@ -211,7 +211,11 @@ def test_fsdp2_muon_equals_one_process_torch_muon_and_resumes_bitwise(tmp_path):
     script.write_text(WORKER)
     _run_ranks(script, 2, str(tmp_path))
     res = json.loads((tmp_path / "result.json").read_text())
-    print({k: v for k, v in res.items() if k.startswith("err")})  # the figures docs/distributed.md quotes
+    loss_diff = {k: max(abs(a - b) for a, b in zip(res[k], res[ref], strict=True))
+                 for k, ref in (("losses", "ref_losses"), ("bf16_losses", "ref3_losses"))}  # fmt: skip
+    print(
+        {k: v for k, v in res.items() if k.startswith("err")}, loss_diff
+    )  # the figures docs/distributed.md quotes
     assert res["layout"].startswith("MuonWithAdamW on 8 matrices sharded over 2 ranks")
     # uneven shards: rank 0 holds 17 of 33 rows, 50 of 99
     assert res["local_rows"] == [[[33, 33], 17], [[33, 132], 17], [[99, 33], 50], [[132, 33], 66]]
@@ -226,7 +230,7 @@ def test_fsdp2_muon_equals_one_process_torch_muon_and_resumes_bitwise(tmp_path):
     # another order than one process's backward): Muon matrices ~2e-7, AdamW parameters ~6e-6 (AdamW divides
     # near-zero gradients by their own magnitude, as in test_distributed's FSDP2 test)
     assert res["moved"] > 1e-2  # the weights did train
-    assert max(abs(a - b) for a, b in zip(res["losses"], res["ref_losses"], strict=True)) < 1e-5
+    assert loss_diff["losses"] < 1e-5
     assert res["err_muon"] < 2e-6 and res["err"] < 5e-5, res
 
     # 3) Newton-Schulz on each rank's rows alone would be another optimizer, ~1e5 times further away
@@ -239,7 +243,7 @@ def test_fsdp2_muon_equals_one_process_torch_muon_and_resumes_bitwise(tmp_path):
 
     # 5) torch's own bf16 Newton-Schulz (the GPU path; the matrices travel in bf16): equal to one process up to
     # the bf16 rounding of updates whose inputs differ by fp32 rounding (a flipped last bit, times the lr)
-    assert max(abs(a - b) for a, b in zip(res["bf16_losses"], res["ref3_losses"], strict=True)) < 1e-5
+    assert loss_diff["bf16_losses"] < 1e-5
     assert res["err_bf16"] < 3e-3, res["err_bf16"]
 
 
@@ -251,3 +255,19 @@ def test_muon_under_fsdp_needs_fsdp2_without_offload():
     with pytest.raises(RecipeError, match=r"fsdp_offload_params: true.*Set fsdp_offload_params: false"):
         check_optimizer_mode(args, "fsdp", fsdp_version=2, offload_params=True)
     check_optimizer_mode(TrainingArguments(), "fsdp", fsdp_version=1)  # AdamW runs under FSDP1
+
+
+def test_a_muon_that_would_not_see_fsdp2_shards_is_refused_after_prepare():
+    """The guard run right after accelerator.prepare under FSDP: Muon matrices that are not FSDP2 shards (the
+    parameter swap did not happen) or another optimizer are an error naming the fix, never a per-shard Muon."""
+    from conftest import tiny_model
+
+    from gpt2_accel.optim import build_optimizer, check_fsdp2_runs_muon
+
+    model = tiny_model()
+    opt = build_optimizer(model, TrainingArguments(optim="muon"), "cpu")
+    with pytest.raises(RuntimeError, match=r"MuonWithAdamW over 0/8 sharded Muon matrices.*ddp\.yaml"):
+        check_fsdp2_runs_muon(opt)
+    adamw = build_optimizer(model, TrainingArguments(), "cpu")
+    with pytest.raises(RuntimeError, match=r"optimizer is AdamW"):
+        check_fsdp2_runs_muon(adamw)
