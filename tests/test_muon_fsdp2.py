@@ -213,9 +213,8 @@ def test_fsdp2_muon_equals_one_process_torch_muon_and_resumes_bitwise(tmp_path):
     res = json.loads((tmp_path / "result.json").read_text())
     loss_diff = {k: max(abs(a - b) for a, b in zip(res[k], res[ref], strict=True))
                  for k, ref in (("losses", "ref_losses"), ("bf16_losses", "ref3_losses"))}  # fmt: skip
-    print(
-        {k: v for k, v in res.items() if k.startswith("err")}, loss_diff
-    )  # the figures docs/distributed.md quotes
+    # the figures docs/distributed.md quotes
+    print({k: v for k, v in res.items() if k.startswith("err")}, loss_diff)
     assert res["layout"].startswith("MuonWithAdamW on 8 matrices sharded over 2 ranks")
     # uneven shards: rank 0 holds 17 of 33 rows, 50 of 99
     assert res["local_rows"] == [[[33, 33], 17], [[33, 132], 17], [[99, 33], 50], [[132, 33], 66]]
