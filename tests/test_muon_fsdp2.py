@@ -8,7 +8,7 @@ and its parameters swapped for the DTensor shards the way Accelerate's FSDP2 ``p
 - the same 10 steps with Newton-Schulz on each rank's rows only, in one process: far off (so the equality above
   is what proves the matrices were orthogonalised whole);
 - a DCP checkpoint of the sharded model and optimizer at step 5, resumed into a fresh model: steps 5-9 again,
-  bitwise;
+  bitwise; resumed on 1 rank (a second, 1-process launch; DCP reshards): the same to fp32 rounding;
 - 3 steps with torch's own bf16 Newton-Schulz (the GPU path: the matrices travel in bf16).
 
 The model is 33 wide with 3 heads, so every block matrix splits unevenly over the 2 ranks (33 rows: 17 + 16).
@@ -46,7 +46,7 @@ WORKER = textwrap.dedent(
     from gpt2_accel.recipe import TrainingArguments
     from fsdp2 import apply_fsdp, full_state_dict, load_sharded, save_sharded  # tests/fsdp2.py
 
-    out = sys.argv[1]
+    out, mode = sys.argv[1], sys.argv[2]  # mode: "all" (2 ranks), or "resume" the 2-rank checkpoint in this world
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = GPT2AccelConfig(vocab_size=128, n_positions=32, n_embd=33, n_layer=2, n_head=3)
@@ -91,6 +91,18 @@ WORKER = textwrap.dedent(
 
     def max_diff(a, b):  # over a's keys
         return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    if mode == "resume":  # DCP reshards the Muon momentum like every other sharded tensor
+        model, opt = sharded(fresh(123))
+        load_sharded(os.path.join(out, "ckpt"), model, opt)
+        resumed = [step(model, opt, i) for i in range(SAVE_AT, STEPS)]
+        full = full_state_dict(model)
+        if rank == 0:
+            final = torch.load(os.path.join(out, "final.pt"), weights_only=True)
+            json.dump({"resumed": resumed, "err": max_diff(full, final)},
+                      open(os.path.join(out, f"resume{world}.json"), "w"))
+        dist.destroy_process_group()
+        sys.exit()
 
     res = {}
     # 1) FSDP2: 10 steps, a DCP checkpoint after step 5
@@ -180,6 +192,7 @@ WORKER = textwrap.dedent(
             moved=max_diff(full, {k: v for k, v in fresh(0).state_dict().items()}),
         )
         json.dump(res, open(os.path.join(out, "result.json"), "w"))
+        torch.save(full, os.path.join(out, "final.pt"))
     dist.barrier()
     dist.destroy_process_group()
     """
@@ -204,12 +217,13 @@ def _run_ranks(script: Path, world: int, *args: str) -> None:
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
 
 
-@pytest.mark.slow  # one launch of 2 ranks: ~20 s on 2 idle cores, ~30 s loaded
+@pytest.mark.slow  # a 2-rank launch and a 1-rank one: ~30-45 s on 2 loaded cores
 def test_fsdp2_muon_equals_one_process_torch_muon_and_resumes_bitwise(tmp_path):
-    """Everything from ONE launch (a single test, so xdist never splits it into two launches)."""
+    """Everything from one 2-rank launch (a single test, so xdist never splits it into two launches), then the
+    1-rank resume."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    _run_ranks(script, 2, str(tmp_path))
+    _run_ranks(script, 2, str(tmp_path), "all")
     res = json.loads((tmp_path / "result.json").read_text())
     loss_diff = {k: max(abs(a - b) for a, b in zip(res[k], res[ref], strict=True))
                  for k, ref in (("losses", "ref_losses"), ("bf16_losses", "ref3_losses"))}  # fmt: skip
@@ -239,6 +253,12 @@ def test_fsdp2_muon_equals_one_process_torch_muon_and_resumes_bitwise(tmp_path):
     # 4) the DCP checkpoint of step 5, resumed in a fresh model: steps 5-9 again, bitwise
     assert res["resumed"] == res["losses"][5:], (res["resumed"], res["losses"][5:])
     assert res["resume_bitwise"], res["err_resume"]
+    # ... and on 1 rank (DCP reshards the momentum buffers): the 2-rank run's losses and weights, to fp32 rounding
+    _run_ranks(script, 1, str(tmp_path), "resume")
+    one = json.loads((tmp_path / "resume1.json").read_text())
+    assert max(abs(a - b) for a, b in zip(one["resumed"], res["losses"][5:], strict=True)) < 1e-5
+    assert one["err"] < 5e-5, one["err"]
+    print("resumed on 1 rank:", one)
 
     # 5) torch's own bf16 Newton-Schulz (the GPU path; the matrices travel in bf16): equal to one process up to
     # the bf16 rounding of updates whose inputs differ by fp32 rounding (a flipped last bit, times the lr)
