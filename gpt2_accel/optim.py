@@ -5,7 +5,8 @@ on every parameter; ``muon`` is :class:`MuonWithAdamW`, torch's ``torch.optim.Mu
 the transformer blocks and AdamW on everything else (embeddings, LM head, gains, biases), the split of Keller
 Jordan's Muon (https://kellerjordan.github.io/posts/muon/) and nanochat. Under DeepSpeed ZeRO-1/2 the same split
 goes to DeepSpeed's own Muon (:func:`deepspeed_muon_with_adamw`), because ZeRO never hands an optimizer a whole
-matrix; :func:`check_optimizer_mode` refuses the modes where Muon cannot run correctly.
+matrix. Under FSDP2 the same :class:`MuonWithAdamW` sees DTensor shards and orthogonalises each matrix whole on one
+rank (:func:`fsdp2_muon_update`). :func:`check_optimizer_mode` refuses the modes where Muon cannot run correctly.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+import torch.optim._muon as torch_muon
 from torch import nn
 
 from .recipe import RecipeError, TrainingArguments
@@ -119,6 +121,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
     One object, because Accelerate, DeepSpeed and the checkpoint code expect one: ``param_groups`` lists both
     optimizers' groups (the same dicts, so the schedule's per-group ``lr`` reaches them; each carries
     ``use_muon``), ``state`` is shared, and ``state_dict``/``load_state_dict`` are torch's own over all groups.
+    Accelerate's FSDP2 ``prepare`` swaps the parameters inside those dicts for their DTensor shards
+    (``fsdp2_switch_optimizer_parameters``), so both halves follow; the Muon half then steps through
+    :func:`fsdp2_muon_update` (whole-matrix Newton-Schulz), AdamW as before (elementwise, on the shards).
     """
 
     def __init__(
@@ -131,7 +136,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         ns_float32: bool | None = None,
     ):
         """``ns_float32``: orthogonalise in float32 (:func:`newton_schulz_float32`); None = when the Muon matrices
-        live on the CPU."""
+        live on the CPU, decided at each step (the trainer builds the optimizer before ``accelerator.prepare``
+        moves the model to its GPU)."""
         for g in muon_groups:
             g["use_muon"] = True
         for g in adamw_groups:
@@ -141,8 +147,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
         # torch's Optimizer keeps the very group dicts it is given: the sub-optimizers and this one share them
         super().__init__(self._muon.param_groups + self._adamw.param_groups, defaults={})
         self._link()
-        if ns_float32 is None:
-            ns_float32 = all(p.device.type == "cpu" for g in muon_groups for p in g["params"])
         self.ns_float32 = ns_float32
 
     def _link(self) -> None:
@@ -162,17 +166,192 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.ns_float32:
+        float32 = self.uses_float32_ns()
+        if any(_is_dtensor(p) for g in self._muon.param_groups for p in g["params"]):
+            fsdp2_muon_update(self._muon, float32)
+        elif float32:
             # torch.optim.Muon has no dtype option: swap its Newton-Schulz function for the float32 one during
             # this call only (looked up as a module global when the step runs)
-            import torch.optim._muon as torch_muon
-
             with mock.patch.object(torch_muon, "_zeropower_via_newtonschulz", newton_schulz_float32):
                 self._muon.step()
         else:
             self._muon.step()
         self._adamw.step()
         return loss
+
+    def uses_float32_ns(self) -> bool:
+        """Whether the next step orthogonalises in float32: ``ns_float32``, or when None, whether the Muon matrices
+        are on the CPU now (torch's bf16 iteration elsewhere)."""
+        if self.ns_float32 is not None:
+            return self.ns_float32
+        return all(p.device.type == "cpu" for g in self._muon.param_groups for p in g["params"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Muon under FSDP2: whole-matrix orthogonalisation of sharded matrices
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 (torch ``fully_shard``) gives each of W ranks a block of rows of every matrix (a DTensor sharded on dim 0,
+# torch.chunk layout: ceil(rows / W) rows per rank, the last ranks fewer or none), and the gradient arrives
+# reduce-scattered the same way. Muon's momentum and Nesterov blend are elementwise, so they stay on the shards;
+# Newton-Schulz is not: it needs the whole (rows, cols) update, and orthogonalising each shard alone gives a
+# different, wrong update (tests/test_muon_fsdp2.py measures how different).
+#
+# How: the matrices are dealt round-robin to the ranks (largest first), as in "Muon is Scalable for LLM Training"
+# (Liu et al. 2025, arXiv:2502.16982, Sec. 2.3 "Distributed Muon", which gathers each matrix within the
+# data-parallel group) and in the distributed Muon of Jordan's modded-nanogpt (each rank orthogonalises its own
+# share of the matrices, then the results are shared). Per round of W matrices: one all-to-all sends every
+# rank's shard of matrix j to rank j, which reassembles and orthogonalises it whole; a second all-to-all sends each
+# rank its rows of every result. Each rank then applies decay and the update to its own rows.
+#
+# Cost, for P Muon parameters in total: each rank sends and receives about 2 P (W-1) / W**2 elements per step
+# (its shards out and back, and its own matrices in and out), against P (W-1) / W for gathering every matrix on
+# every rank (``DTensor.full_tensor``, as the Moonlight paper's ZeRO-1 version does), which would also repeat all
+# of Newton-Schulz W times; here each rank runs ~1/W of it. Peak extra memory: one round's shards plus one whole
+# matrix. The elements travel in the dtype Newton-Schulz computes in (torch's bf16 on GPUs: torch.optim.Muon casts
+# the update to bf16 first, elementwise, so casting before sending changes nothing; float32 on CPU).
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def fsdp2_shard_group(params: list[torch.Tensor]):
+    """The process group over which FSDP2 shards the Muon matrices ``params`` (DTensors), or a clear error.
+
+    Supported: every matrix sharded on dim 0 over the same 1-D mesh, FSDP2's layout. HSDP (a 2-D replicate x shard
+    mesh) and tensor parallelism are other layouts that this code does not gather; refused rather than guessed.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = None
+    for p in params:
+        if not isinstance(p, DTensor) or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            layout = (
+                f"{type(p).__name__}{tuple(getattr(p, 'placements', ()))}"
+                if isinstance(p, DTensor)
+                else "a plain tensor"
+            )
+            raise RecipeError(
+                f"optim=muon under FSDP2 needs every Muon matrix sharded on dim 0 over one 1-D mesh (fully_shard's "
+                f"layout); a matrix of shape {tuple(p.shape)} is {layout}. HSDP and tensor parallelism are not "
+                "supported with Muon: shard over one mesh dimension, launch with accelerate_configs/ddp.yaml, or "
+                "set optim=adamw_torch"
+            )
+        if mesh is None:
+            mesh = p.device_mesh
+        elif p.device_mesh != mesh:
+            raise RecipeError(
+                "optim=muon under FSDP2 needs all Muon matrices sharded over the same device mesh; they use several. "
+                "Shard the whole model over one mesh, or set optim=adamw_torch"
+            )
+    return None if mesh is None else mesh.get_group()
+
+
+@torch.no_grad()
+def fsdp2_muon_update(muon: torch.optim.Muon, float32: bool) -> None:
+    """One ``torch.optim.Muon`` step on FSDP2-sharded matrices, each orthogonalised whole (see the section comment).
+
+    The same update as torch.optim.Muon's ``_single_tensor_muon`` on the whole matrix: momentum
+    ``buf.lerp_(g, 1 - mu)``, Nesterov ``g.lerp(buf, mu)``, torch's Newton-Schulz (or
+    :func:`newton_schulz_float32` when ``float32``), decoupled decay ``p *= 1 - lr * wd``, then
+    ``p -= adjusted_lr * O`` with torch's own shape adjustment (``_adjust_lr``, on the global shape). The momentum
+    buffer stays a sharded DTensor in ``muon.state`` (so DCP saves and reshards it like AdamW's moments).
+    Collective: every rank of the shard group must call it.
+    """
+    import torch.distributed as dist
+
+    # every matrix with a gradient, with its group. FSDP2 reduce-scatters every gradient on every rank, so the list
+    # (hence the rounds below) is the same on all ranks.
+    items = [(p, g) for g in muon.param_groups for p in g["params"] if p.grad is not None]
+    if not items:
+        return
+    pg = fsdp2_shard_group([p for p, _ in items])
+    world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    ns = newton_schulz_float32 if float32 else torch_muon._zeropower_via_newtonschulz
+    wire = torch.float32 if float32 else torch.bfloat16  # the dtype each Newton-Schulz computes in
+
+    def nesterov_update(p: torch.Tensor, group: dict) -> torch.Tensor:
+        """Momentum and Nesterov on this rank's rows (elementwise: the shards' results are the whole's rows)."""
+        state = muon.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+        grad, buf = p.grad.to_local(), state["momentum_buffer"].to_local()
+        buf.lerp_(grad, 1 - group["momentum"])
+        update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+        c = -(-p.shape[0] // world)  # torch.chunk's block of rows: rank r holds rows [r c, (r + 1) c)
+        if update.shape[0] != max(0, min(c, p.shape[0] - rank * c)):
+            raise RuntimeError(
+                f"the FSDP2 shard of a {tuple(p.shape)} matrix has {update.shape[0]} rows on rank {rank}, not "
+                "torch.chunk's layout: optim=muon under FSDP2 cannot reassemble the matrix with this torch version"
+            )
+        return _pad_rows(update.to(wire), c)
+
+    # largest first, so each round's W matrices (one per rank) take about the same time; the order depends only on
+    # the shapes and the parameter order, the same on every rank
+    items.sort(key=lambda item: -item[0].numel())
+    for start in range(0, len(items), world):
+        round_ = items[start : start + world]
+        updates = [nesterov_update(p, g) for p, g in round_]  # (c_j, cols_j) each, zero-padded
+        sizes = [u.numel() for u in updates] + [0] * (world - len(round_))
+        # 1) gather: my rows of matrix j go to rank j, which receives every rank's block, in rank order
+        send = torch.cat([u.flatten() for u in updates])
+        mine = rank < len(round_)
+        recv_sizes = [sizes[rank] if mine else 0] * world
+        recv = send.new_empty(sum(recv_sizes))
+        dist.all_to_all_single(recv, send, recv_sizes, sizes, group=pg)
+        # 2) orthogonalise my matrix of this round, whole (the blocks stacked in rank order, padding cut off)
+        back = send.new_empty(0)
+        if mine:
+            p, group = round_[rank]
+            c, cols = updates[rank].shape
+            full = recv.view(world * c, cols)[: p.shape[0]]
+            ortho = ns(full, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            if ortho.dtype != wire:
+                raise RuntimeError(
+                    f"torch.optim.Muon's Newton-Schulz returned {ortho.dtype}, not {wire}: this torch version "
+                    "changed it, and optim=muon under FSDP2 (gpt2_accel/optim.py) must follow"
+                )
+            back = _pad_rows(ortho, world * c).flatten()
+        # 3) scatter: every rank gets its block of rows of each result of this round
+        got = send.new_empty(sum(sizes))
+        dist.all_to_all_single(got, back, sizes, recv_sizes, group=pg)
+        # 4) decoupled decay, then the update scaled by torch's shape adjustment (of the whole matrix), on my rows
+        for (p, group), u, piece in zip(round_, updates, got.split(sizes[: len(round_)]), strict=True):
+            lr = float(group["lr"])
+            local = p.to_local()
+            local.mul_(1 - lr * group["weight_decay"])
+            adjusted_lr = torch_muon._adjust_lr(lr, group["adjust_lr_fn"], p.shape)
+            local.add_(piece.view(u.shape)[: local.shape[0]], alpha=-adjusted_lr)
+
+
+def check_fsdp2_runs_muon(optimizer: torch.optim.Optimizer) -> str:
+    """After Accelerate's FSDP2 ``prepare``: prove the Muon matrices reached the optimizer as FSDP2 shards it can
+    reassemble (so :func:`fsdp2_muon_update` runs), never a silent per-shard Muon. Returns a line for the log."""
+    import torch.distributed as dist
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps ours
+    muon = [p for g in inner.param_groups if g.get("use_muon") for p in g["params"]]
+    if not isinstance(inner, MuonWithAdamW) or not muon or not all(_is_dtensor(p) for p in muon):
+        raise RuntimeError(
+            f"optim=muon under FSDP2: the optimizer is {type(inner).__name__} over "
+            f"{sum(_is_dtensor(p) for p in muon)}/{len(muon)} sharded Muon matrices after accelerator.prepare; "
+            "Muon would not see the FSDP2 shards it must reassemble. Launch with accelerate_configs/ddp.yaml or "
+            "set optim=adamw_torch"
+        )
+    pg = fsdp2_shard_group(muon)
+    return (
+        f"MuonWithAdamW on {len(muon)} matrices sharded over {dist.get_world_size(pg)} ranks (FSDP2), each "
+        "orthogonalised whole on one rank (round-robin)"
+    )
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows``."""
+    return x if x.shape[0] == rows else torch.nn.functional.pad(x, (0, 0, 0, rows - x.shape[0]))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, args: TrainingArguments, max_steps: int) -> float:
@@ -195,12 +374,16 @@ def check_optimizer_mode(
     *,
     zero_stage: int | None = None,
     offload_optimizer: bool = False,
+    fsdp_version: int | None = None,
+    offload_params: bool = False,
 ) -> None:
     """Refuse, before any step, a parallel mode in which the recipe's optimizer cannot run correctly.
 
-    ``mode``: "deepspeed" (with its ``zero_stage`` and whether it offloads the optimizer to the CPU), "fsdp" or
-    anything else (DDP, one process). Never a silent fallback: Muon runs under DeepSpeed ZeRO-1/2 without
-    clipping and without optimizer offload (tested against DDP Muon, tests/test_muon_deepspeed.py); everything
+    ``mode``: "deepspeed" (with its ``zero_stage`` and whether it offloads the optimizer to the CPU), "fsdp" (with
+    its ``fsdp_version`` and whether it offloads the parameters to the CPU) or anything else (DDP, one process).
+    Never a silent fallback: Muon runs under DeepSpeed ZeRO-1/2 without clipping and without optimizer offload
+    (tested against DDP Muon, tests/test_muon_deepspeed.py) and under FSDP2 without parameter offload (whole-matrix
+    Newton-Schulz, :func:`fsdp2_muon_update`, tested against one process, tests/test_muon_fsdp2.py); everything
     else is refused with the fix.
     """
     if args.optim != "muon":
@@ -235,11 +418,20 @@ def check_optimizer_mode(
             )
         return
     if mode == "fsdp":
-        raise RecipeError(
-            f"optim=muon cannot run under FSDP{detail}: each rank holds a shard of every weight matrix, and Muon "
-            "needs the whole matrix to orthogonalise its update. Launch with accelerate_configs/ddp.yaml, or set "
-            "optim=adamw_torch to keep FSDP"
-        )
+        keep = "or launch with accelerate_configs/ddp.yaml, or set optim=adamw_torch"
+        if fsdp_version != 2:
+            raise RecipeError(
+                f"optim=muon cannot run under FSDP version {fsdp_version}{detail}: FSDP1 flattens the parameters "
+                "into one flat shard per unit, so no rank can recover a weight matrix for Muon to orthogonalise "
+                f"whole. Set fsdp_version: 2 in the launch config's fsdp_config (as accelerate_configs/fsdp.yaml), "
+                f"{keep}"
+            )
+        if offload_params:
+            raise RecipeError(
+                f"optim=muon cannot run under FSDP2 with fsdp_offload_params: true{detail}: the optimizer then "
+                "steps on CPU copies, and Muon's whole-matrix exchange between ranks is not verified there. Set "
+                f"fsdp_offload_params: false, {keep}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------

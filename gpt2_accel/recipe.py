@@ -261,9 +261,10 @@ class TrainingArguments:
         "adamw_torch",
         "Optimizer: 'adamw_torch' (AdamW on every parameter; 'adamw_torch_fused' is the same, fused where torch "
         "can) or 'muon' (torch.optim.Muon on the 2-D hidden matrices of the blocks, AdamW with learning_rate, "
-        "adam_* and weight_decay on embeddings, LM head, gains and biases). Muon runs in one process, under DDP "
-        "and under DeepSpeed ZeRO-1/2 with max_grad_norm=0 (DeepSpeed's own Muon); ZeRO-3, stage 0, optimizer "
-        "offload and FSDP are refused (docs/distributed.md).",
+        "adam_* and weight_decay on embeddings, LM head, gains and biases). Muon runs in one process, under DDP, "
+        "under DeepSpeed ZeRO-1/2 with max_grad_norm=0 (DeepSpeed's own Muon) and under FSDP2 (each matrix "
+        "orthogonalised whole); ZeRO-3, stage 0, optimizer offload, FSDP1 and FSDP2 parameter offload are refused "
+        "(docs/distributed.md).",
     )
     muon_learning_rate: float = _f(
         0.02,

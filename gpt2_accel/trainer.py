@@ -38,6 +38,7 @@ from .optim import (
     attach_forced_weight_norm,
     build_optimizer,
     check_deepspeed_runs_muon,
+    check_fsdp2_runs_muon,
     check_optimizer_mode,
     set_lr,
 )
@@ -204,7 +205,17 @@ class Trainer:
                 offload_optimizer=offload not in (None, "none"),
             )
         elif dist == DistributedType.FSDP:
-            check_optimizer_mode(t, "fsdp", f" (from {self.launch.source or 'the launch'})")
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            plugin = acc.state.fsdp_plugin
+            check_optimizer_mode(
+                t,
+                "fsdp",
+                f" (from {self.launch.source or 'the launch'})",
+                fsdp_version=plugin.fsdp_version,
+                # FSDP2's "no offload" is a plain OffloadPolicy(); offloading is its CPUOffloadPolicy subclass
+                offload_params=isinstance(plugin.cpu_offload, CPUOffloadPolicy),
+            )
 
     def _build_data(self, resume_dir: Path | None) -> None:
         """Tokenizer, block size, batch and step counts, the training loader and the validation windows."""
@@ -299,6 +310,8 @@ class Trainer:
         self.model_engine, self.optimizer = acc.prepare(model, self.optimizer)
         if self._deepspeed and t.optim == "muon":
             logger.info("optimizer: DeepSpeed %s", check_deepspeed_runs_muon(self.model_engine))
+        elif self._sharded and t.optim == "muon":  # FSDP2 (check_optimizer_mode refused FSDP1)
+            logger.info("optimizer: %s", check_fsdp2_runs_muon(self.optimizer))
         if self.teacher is not None:
             # on every rank, never prepared (no DDP wrapper, no optimizer), in the student's dtype
             dtype = next(self.model_engine.parameters()).dtype

@@ -3,8 +3,8 @@
 Accelerate's FSDP plugin does this on GPUs; the tests run the same code paths on CPU over gloo (2 ranks): our wrap
 policy (one unit per ``GPT2AccelBlock`` + the root, which owns the tied ``wte``/``lm_head``), sharded checkpoints
 through ``torch.distributed.checkpoint`` (DCP: resharded on load, so a checkpoint of N ranks loads on M), and the
-consolidated full state dict a Hugging Face export needs. Only tests/test_distributed.py uses them (issue 14: the
-library keeps what it runs).
+consolidated full state dict a Hugging Face export needs. Only tests use them (test_distributed.py, test_muon_fsdp2.py;
+issue 14: the library keeps what it runs).
 """
 
 from __future__ import annotations

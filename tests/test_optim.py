@@ -109,7 +109,7 @@ def test_muon_with_adamw_steps_like_torch_muon_and_adamw_side_by_side():
     )
     model, ref = tiny_model(0).train(), tiny_model(0).train()
     opt = build_optimizer(model, args, "cpu")
-    assert opt.ns_float32  # on CPU: float32 Newton-Schulz (see newton_schulz_float32)
+    assert opt.uses_float32_ns()  # on CPU: float32 Newton-Schulz (see newton_schulz_float32)
     opt.ns_float32 = False  # torch's own bf16 iteration: the reference below is then exact
     muon_p, rest = muon_param_split(ref)
     ref_muon = torch.optim.Muon(muon_p, lr=0.05, momentum=0.95, nesterov=True, weight_decay=0.0)
@@ -127,6 +127,19 @@ def test_muon_with_adamw_steps_like_torch_muon_and_adamw_side_by_side():
         ref_adamw.zero_grad()
     for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_muon_newton_schulz_dtype_follows_where_the_matrices_are_at_step_time():
+    """The trainer builds the optimizer before ``accelerator.prepare`` moves the model to its GPU: the float32
+    (CPU) / torch bf16 (elsewhere) choice is made when stepping, not when building."""
+    model = tiny_model().train()
+    opt = build_optimizer(model, TrainingArguments(optim="muon"), "cpu")
+    assert opt.ns_float32 is None and opt.uses_float32_ns()
+    for g in opt.param_groups:  # the groups now point at parameters off the CPU (as after prepare on a GPU)
+        g["params"] = [torch.nn.Parameter(torch.empty_like(p, device="meta")) for p in g["params"]]
+    assert not opt.uses_float32_ns()
+    opt.ns_float32 = True  # an explicit choice wins
+    assert opt.uses_float32_ns()
 
 
 def test_muon_state_dict_round_trip_continues_bitwise():
@@ -160,10 +173,13 @@ def test_muon_is_refused_where_it_cannot_run():
         RecipeError, match=r"optim=muon cannot run under DeepSpeed.*ddp\.yaml.*optim=adamw_torch"
     ):
         check_optimizer_mode(args, "deepspeed", " (ZeRO stage 3)", zero_stage=3)
+    # FSDP: version 2 runs it (tests/test_muon_fsdp2.py), version 1's flat parameters cannot
+    check_optimizer_mode(args, "fsdp", fsdp_version=2)
     with pytest.raises(
-        RecipeError, match=r"optim=muon cannot run under FSDP.*whole matrix.*optim=adamw_torch"
+        RecipeError,
+        match=r"optim=muon cannot run under FSDP version 1.*whole.*fsdp_version: 2.*optim=adamw_torch",
     ):
-        check_optimizer_mode(args, "fsdp")
+        check_optimizer_mode(args, "fsdp", fsdp_version=1)
     check_optimizer_mode(TrainingArguments(), "deepspeed")  # AdamW runs everywhere
     with pytest.raises(RecipeError, match="optim must be"):
         build_recipe({"optim": "sgd"})
