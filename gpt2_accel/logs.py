@@ -25,6 +25,17 @@ ROUTINE: tuple[tuple[str, str], ...] = (
     # One INFO line per file that save_state/load_state writes or reads.
     ("accelerate.checkpointing", r""),
     ("accelerate.accelerator", r"(Saving current state|Loading states) (to|from)"),
+    # Under FSDP (seen on a GPU run, accelerate 1.15): a line per model/optimizer shard saved or loaded.
+    (
+        "accelerate.accelerator",
+        r"(?i)(saving|loading) FSDP (model|optimizer)|FSDP (model|optimizer) (saved|loaded)",
+    ),
+    (
+        "accelerate.utils.fsdp_utils",
+        r"(?i)(saving|loading) (optimizer|model)|(optimizer|model)( state)? (saved|loaded)",
+    ),
+    # matplotlib's first import on a fresh machine (the loss plot) builds its font cache, at INFO.
+    ("matplotlib.font_manager", r"generated new fontManager"),
 )
 
 
@@ -59,7 +70,7 @@ def demote_routine_lines() -> None:
     loading code imports DeepSpeed when it is installed, and DeepSpeed's import prints its accelerator line."""
     for name, pattern in ROUTINE:
         log = logging.getLogger(name)
-        if not any(isinstance(f, _DemoteRoutine) for f in log.filters):
+        if not any(isinstance(f, _DemoteRoutine) and f.pattern.pattern == pattern for f in log.filters):
             log.addFilter(_DemoteRoutine(pattern))
 
 
