@@ -511,31 +511,37 @@ def _attention_mask(
 
 
 def _fixed_cache_length(cache: Cache | None) -> int | None:
-    """The key length a fixed-size cache (transformers' ``StaticCache``) returns from every update, or None for a
-    cache that grows with the sequence (``DynamicCache``)."""
+    """The key length a fixed-size cache (transformers' ``StaticCache``) returns from every update of a
+    full-attention layer, or None for a cache that grows with the sequence (``DynamicCache``)."""
     if cache is None or not getattr(cache, "is_compileable", False):
         return None
-    layers = getattr(cache, "layers", None) or []
-    return getattr(layers[0], "max_cache_len", None) if layers else None
+    full = [
+        layer for layer in getattr(cache, "layers", None) or [] if not getattr(layer, "is_sliding", False)
+    ]
+    return getattr(full[0], "max_cache_len", None) if full else None
 
 
 def _fixed_cache_mask(
     mask: torch.Tensor | dict | None, past, t_q: int, t_k: int, device, sliding_window: int | None
-) -> torch.Tensor | dict:
-    """Masks over a fixed-size cache's whole (t_k) buffer, whose slots past the filled ones hold zeros.
+) -> torch.Tensor | dict | None:
+    """The full-attention layers' mask over a fixed-size cache's whole (t_k) buffer, whose unfilled slots hold zeros.
 
     generate() passes no mask for an unpadded prefill (transformers' sdpa mask builder leaves a purely causal mask
     to ``is_causal``), but a static cache returns all ``max_cache_len`` keys, so "the last Tq keys are the queries"
-    no longer holds: the causal rule must be spelled out (query i at position past + i sees keys 0..past + i).
-    4-D masks already over t_k pass through; 2-D-derived masks over the filled keys are padded with False.
+    no longer holds: the causal rule is spelled out (query i at position past + i sees keys 0..past + i). 4-D masks
+    already over t_k pass through; masks from a 2-D padding mask over the filled keys are padded with False.
+    Sliding-window layers keep what they were given (transformers' sliding static layers come with their masks).
     """
-    if sliding_window is not None:
-        raise ValueError(
-            "a fixed-size (static) KV cache is not supported with sliding-window layers (config.sliding_window): "
-            "generate without cache_implementation='static' (the default dynamic cache keeps each window)"
-        )
     if isinstance(mask, dict):
-        return {k: _fixed_cache_mask(m, past, t_q, t_k, device, None) for k, m in mask.items()}
+        return {
+            k: _fixed_cache_mask(m, past, t_q, t_k, device, None) if k == "full_attention" else m
+            for k, m in mask.items()
+        }
+    if sliding_window is not None:
+        return {
+            "full_attention": _fixed_cache_mask(mask, past, t_q, t_k, device, None),
+            "sliding_attention": mask,
+        }
     q_pos = (
         torch.arange(t_q, device=device)[:, None] + past
     )  # (Tq, 1) absolute positions (past may be a tensor)
