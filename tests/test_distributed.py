@@ -79,8 +79,10 @@ def _launch(config: str, n: int, data: Path, out: Path, *args: str, port: int | 
     ]
 
 
-def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, **kw)
+def _run(cmd: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (with ``_env()``, or ``env`` when given) under the timeout; assert it succeeded."""
+    env = _env() if env is None else env
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, **kw)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
