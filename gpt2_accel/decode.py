@@ -76,11 +76,14 @@ class Decoder:
         static: bool | None = None,
         quantize: str | None = None,
         kernel: bool = True,
+        fused: bool = True,
     ):
         """``compile`` (CUDA only) compiles the fixed-shape step with CUDA graphs; ``static`` forces the
         fixed-shape step without compiling (default: only when compiling). ``quantize="int8"`` (CPU, fp32 models)
         decodes with weight-only int8 matrices. ``kernel=False`` keeps torch's matrix products on CPU (the path
-        taken anyway where :mod:`gpt2_accel.gemv`'s kernel cannot be built)."""
+        taken anyway where :mod:`gpt2_accel.gemv`'s kernel cannot be built). ``fused=False`` keeps the
+        one-token step op by op even where the kernel's fused step applies (softmax attention, up to
+        :data:`gpt2_accel.gemv.MAX_ROWS` prompts)."""
         self.model = model.eval()
         self.cfg = model.config
         self.t = model.transformer
@@ -112,6 +115,13 @@ class Decoder:
              for name, n in (("attn_qkv", "c_attn"), ("attn_out", "c_proj"), ("mlp_in", "c_fc"), ("mlp_out", "c_proj"))}
             for block in self.t.h
         ]  # fmt: skip
+        # The kernel's fused one-token step (every block and ln_f in one call) computes GPT-2's block: LayerNorms
+        # and softmax attention only; other variants keep causal_attention (and the model's norms), op by op.
+        norms = [m for b in self.t.h for m in (b.ln_1, b.ln_2)] + [self.t.ln_f]
+        gpt2_block = self.cfg.attn_type == "SM" and all(type(m) is torch.nn.LayerNorm for m in norms)
+        self.fused = (
+            self._fused_params(quantize) if fused and self.kernel is not None and gpt2_block else None
+        )
         compile = compile and w.device.type == "cuda"
         self.static = compile if static is None else (static or compile)
         self.step = self._step_static if self.static else self._step
@@ -174,6 +184,24 @@ class Decoder:
             x = x + self._mlp(block.ln_2(x), lin)
         return self.t.ln_f(x)  # (B, T, C)
 
+    def _fused_params(self, quantize: str | None) -> list[torch.Tensor]:
+        """The parameters of every block, then ln_f, in the order of the kernel's ``decode_step``: per layer
+        ln_1 (weight, bias), c_attn, attn c_proj (weight, scale, bias each), ln_2, c_fc, mlp c_proj; an empty
+        tensor where there is no bias, scale or norm weight."""
+        none = torch.empty(0)
+
+        def norm(ln: torch.nn.Module) -> list[torch.Tensor]:
+            return [none if p is None else p.detach().contiguous() for p in (ln.weight, ln.bias)]
+
+        def mat(m: _Matrix) -> list[torch.Tensor]:
+            return [m.w, none if m.scale is None else m.scale, none if m.b is None else m.b.contiguous()]
+
+        params = []
+        for block, lin in zip(self.t.h, self.lin, strict=True):
+            params += norm(block.ln_1) + mat(lin["attn_qkv"]) + mat(lin["attn_out"])
+            params += norm(block.ln_2) + mat(lin["mlp_in"]) + mat(lin["mlp_out"])
+        return params + norm(self.t.ln_f)
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._linear(h, self.head)  # (B, C) -> (B, V)
 
@@ -186,6 +214,11 @@ class Decoder:
     def _step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
         """One new token per row (tok: (B, 1)) at position ``pos``; keys up to ``pos`` (sliced cache)."""
         x = self.t.wte(tok) + self.t.wpe.weight[pos]  # (B, 1, C)
+        if self.fused is not None and tok.size(0) <= gemv.MAX_ROWS:
+            h = self.kernel.decode_step(
+                x[:, 0], self.fused, self.k, self.v, pos, self.cfg.n_head, self.t.ln_f.eps
+            )  # (B, C): every block and ln_f in one call
+            return self._logits(h)
         return self._logits(self._blocks(x, pos, pos + 1, None)[:, -1])
 
     def _step_static(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
