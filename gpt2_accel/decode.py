@@ -6,7 +6,15 @@ processors, stopping criteria, input preparation, a growing ``DynamicCache``) th
 small model's step. This loop keeps only the work:
 
 * a static KV cache: one (B, n_head, prompt + new, head_dim) buffer per layer, written in place (no concat);
-* the blocks' LayerNorms and :func:`causal_attention`, so every attention variant decodes as the forward does;
+* on CPU in fp32 or int8, with softmax attention and up to :data:`gpt2_accel.gemv.MAX_ROWS` prompts, the
+  one-token step's blocks run in ONE call of :mod:`gpt2_accel.gemv`'s kernel (``decode_step``): per layer
+  LayerNorm, the qkv product, this position's keys/values written into the cache, one query per head against
+  the cached keys (softmax in fp32, scale 1/sqrt(head_dim), as :func:`causal_attention`'s ``"SM"``), the output
+  product and residual, LayerNorm, the MLP with GPT-2's tanh GELU, residual; then ln_f. Op by op the step
+  dispatched ~20 torch ops per layer (SDPA's CPU flash kernel ~0.19 ms a one-query call, profiled), ~1.5-3 ms of
+  a ~12 ms token at the reference shape; fused, the blocks cost about their bytes read (docs/performance.md);
+* otherwise (the prompt, other attention variants or norms, ``fused=False``, no kernel) the blocks' LayerNorms
+  and :func:`causal_attention`, so every attention variant decodes as the forward does;
 * on CPU, the blocks' Linear layers for a few rows of input (one decoded token per prompt, up to
   :data:`gpt2_accel.gemv.MAX_ROWS` prompts), and the LM head from 2 rows on, go through :mod:`gpt2_accel.gemv`'s
   kernel, which reads each weight row once in ``nn.Linear``'s own layout; longer inputs (the prompt) go through
@@ -26,8 +34,9 @@ small model's step. This loop keeps only the work:
 Sampling follows ``generate()``'s order and conventions: temperature, then top-k, then top-p (the smallest set of
 likeliest tokens whose mass reaches top_p, the most likely always kept), then one ``torch.multinomial`` draw.
 Greedy (``temperature == 0``) tokens equal ``generate()``'s (tests/test_sample.py, tests/test_decode_fast.py):
-the kernel sums in another order than torch's BLAS, so logits differ by fp32 rounding (~1e-6 relative), which
-changes a greedy token only where the two likeliest logits tie to that precision.
+the kernel sums in another order than torch's BLAS, so logits differ by fp32 rounding (~1e-6 relative; the
+fused step is tested within 1e-5 of the logits' scale of a float64 forward), which changes a greedy token only
+where the two likeliest logits tie to that precision.
 """
 
 from __future__ import annotations

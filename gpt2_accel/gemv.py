@@ -15,6 +15,10 @@ time of one. The kernel below reads each weight row once, contiguously:
 * optionally int8 weights with one fp32 scale per output row (weight-only quantisation: the input stays fp32,
   each weight is converted to fp32 in registers, the row's sum is scaled once), a quarter of the bytes.
 
+``decode_step`` runs a whole one-token step of GPT-2's blocks (LayerNorm, qkv, cached single-query softmax
+attention, output product, GELU MLP, residuals; then ln_f) in one call, with the same products: at batch 1 a
+small model's step is otherwise dominated by the dispatch of ~20 torch ops per layer (``gpt2_accel.decode``).
+
 It is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja; cached under
 ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, so later runs load it in well under a second).
 Where it cannot be built (no compiler, no AVX2) :func:`kernel` returns None once with a warning, and the decoder
