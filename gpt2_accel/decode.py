@@ -225,7 +225,14 @@ class Decoder:
         x = self.t.wte(tok) + self.t.wpe.weight[pos]  # (B, 1, C)
         if self.fused is not None and tok.size(0) <= gemv.MAX_ROWS:
             h = self.kernel.decode_step(
-                x[:, 0], self.fused, self.k, self.v, pos, self.cfg.n_head, self.t.ln_f.eps
+                x[:, 0],
+                self.fused,
+                self.k,
+                self.v,
+                pos,
+                self.cfg.n_head,
+                self.t.ln_f.eps,
+                gemv.FUSED_SPLIT_BYTES,
             )  # (B, C): every block and ln_f in one call
             return self._logits(h)
         return self._logits(self._blocks(x, pos, pos + 1, None)[:, -1])

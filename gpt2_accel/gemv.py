@@ -41,6 +41,13 @@ MAX_ROWS = 32
 compute-bound there and better at it. From 2 to 32 rows the kernel was faster than ``x @ W^T`` on every decoding
 shape measured (MKL's small-M products of the (50304 x 384) head took 4-8x its one-row time; docs/performance.md)."""
 
+FUSED_SPLIT_BYTES = 512 << 10
+"""Least work (bytes of weights or cache read) the fused step hands to a second thread: 512 KB splits each block
+matrix of the reference shape over 2 threads. On a quiet 2-core host that took the batch-1 token from 10.3 to
+7.7 ms (the blocks then stream with both cores' bandwidth); on a loaded one it made the step ~2.4x slower (each
+hand-off waits for a descheduled thread), as every 2-thread decoder there: sample with 1 thread on a busy
+machine (then nothing is split). The plain ``gemv`` keeps 4 MB (docs/performance.md)."""
+
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -177,15 +184,13 @@ void rows(const float* x, int64_t M, const W* w, int64_t K, const float* scale, 
 // host each hand-off to a second thread can wait milliseconds for it to be scheduled, so only the big matrix of
 // a small model (its LM head) is split; the blocks' matrices (~2 MB at 384 wide) run on the calling thread
 // (measured: docs/performance.md).
-constexpr int64_t kSplitBytes = 4 << 20;  // the least work (bytes read) handed to another thread
-
 void linear(const float* xp, int64_t M, int64_t K, const torch::Tensor& w, const float* sp, const float* bp,
-            float* yp) {
+            float* yp, int64_t split_bytes = 4 << 20) {
   const int64_t N = w.size(0);
   const bool q = w.scalar_type() == at::kChar;
   const int64_t blocks = (N + 3) / 4;
   const int64_t block_cost = 4 * K * w.element_size() * std::max<int64_t>(1, M / 2);
-  const int64_t grain = std::max<int64_t>(1, kSplitBytes / std::max<int64_t>(1, block_cost));
+  const int64_t grain = std::max<int64_t>(1, split_bytes / std::max<int64_t>(1, block_cost));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     const int64_t o0 = b0 * 4, o1 = std::min(N, b1 * 4);
     if (q)
@@ -267,7 +272,7 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
 // softmax in fp32 with the max subtracted, scale 1/sqrt(hs) (causal_attention's "SM").
 // qkv (M, 3C) = [q | k | v]; kc, vc (M, nh, Tmax, hs) get this position's k, v; y (M, C) heads side by side.
 void attention(const float* qkv, int64_t M, int64_t C, int64_t nh, float* kc, float* vc, int64_t Tmax,
-               int64_t pos, float* y) {
+               int64_t pos, float* y, int64_t split_bytes) {
   const int64_t hs = C / nh, T = pos + 1;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
   for (int64_t m = 0; m < M; ++m)
@@ -277,10 +282,10 @@ void attention(const float* qkv, int64_t M, int64_t C, int64_t nh, float* kc, fl
       std::memcpy(kd, qkv + m * 3 * C + C + h * hs, hs * sizeof(float));
       std::memcpy(vd, qkv + m * 3 * C + 2 * C + h * hs, hs * sizeof(float));
     }
-  // Each (row, head) is independent; split over threads by the same rule as the products (kSplitBytes of
-  // cache to read per thread: batch 8-32 prompts with long contexts).
+  // Each (row, head) is independent; split over threads by the same rule as the products (split_bytes of
+  // cache to read per thread).
   const int64_t task_bytes = 2 * T * hs * 4;
-  const int64_t grain = std::max<int64_t>(1, kSplitBytes / task_bytes);
+  const int64_t grain = std::max<int64_t>(1, split_bytes / task_bytes);
   at::parallel_for(0, M * nh, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> p(T);
     for (int64_t t = t0; t < t1; ++t) {
@@ -327,10 +332,12 @@ const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>(
 // x (M, C) the token + position embeddings; p: per layer 16 tensors, then ln_f's weight and bias:
 //   ln_1 (weight, bias), c_attn (weight, scale, bias), attn c_proj (w, s, b), ln_2 (w, b), c_fc (w, s, b),
 //   mlp c_proj (w, s, b) -- weights fp32 (N, K) or int8 with a scale (N,); an empty tensor = no bias / scale;
-// kc, vc: per layer the (M, nh, Tmax, hs) fp32 caches, filled up to pos - 1; this call writes position pos.
+// kc, vc: per layer the (M, nh, Tmax, hs) fp32 caches, filled up to pos - 1; this call writes position pos;
+// split_bytes: the least work (bytes of weights or cache read) handed to another thread (FUSED_SPLIT_BYTES).
 // Returns ln_f(x) (M, C).
 torch::Tensor decode_step(torch::Tensor x, std::vector<torch::Tensor> p, std::vector<torch::Tensor> kc,
-                          std::vector<torch::Tensor> vc, int64_t pos, int64_t n_head, double eps) {
+                          std::vector<torch::Tensor> vc, int64_t pos, int64_t n_head, double eps,
+                          int64_t split_bytes) {
   const int64_t L = static_cast<int64_t>(kc.size());
   TORCH_CHECK(L > 0 && static_cast<int64_t>(p.size()) == 16 * L + 2 && static_cast<int64_t>(vc.size()) == L,
               "decode_step: 16 tensors per layer + 2, one k and v cache per layer");
@@ -352,14 +359,15 @@ torch::Tensor decode_step(torch::Tensor x, std::vector<torch::Tensor> p, std::ve
   auto lin = [&](const float* in, int64_t K, int64_t i, float* dst) {  // p[i], p[i + 1], p[i + 2]: w, s, b
     TORCH_CHECK(p[i].dim() == 2 && p[i].size(1) == K && (p[i].scalar_type() == at::kChar) == (p[i + 1].numel() > 0),
                 "decode_step: a weight (N, K), a scale with int8 weights only");
-    linear(in, M, K, p[i], opt(p[i + 1]), opt(p[i + 2]), dst);
+    linear(in, M, K, p[i], opt(p[i + 1]), opt(p[i + 2]), dst, split_bytes);
   };
   for (int64_t l = 0; l < L; ++l) {
     const int64_t o = 16 * l;
     TORCH_CHECK(p[o + 2].size(0) == 3 * C, "decode_step: c_attn must have 3 * n_embd outputs");
     layer_norm(r, M, C, opt(p[o]), opt(p[o + 1]), eps, a.data());
     lin(a.data(), C, o + 2, big.data());  // (M, 3C)
-    attention(big.data(), M, C, nh, kc[l].data_ptr<float>(), vc[l].data_ptr<float>(), Tmax, pos, y.data());
+    attention(big.data(), M, C, nh, kc[l].data_ptr<float>(), vc[l].data_ptr<float>(), Tmax, pos, y.data(),
+              split_bytes);
     lin(y.data(), C, o + 5, a.data());  // (M, C)
     for (int64_t i = 0; i < M * C; ++i) r[i] += a[i];
     layer_norm(r, M, C, opt(p[o + 8]), opt(p[o + 9]), eps, a.data());
@@ -376,7 +384,7 @@ torch::Tensor decode_step(torch::Tensor x, std::vector<torch::Tensor> p, std::ve
 }
 """
 
-_NAME = "gpt2_accel_gemv_v7"  # bump with the source: the on-disk cache is keyed by name and source
+_NAME = "gpt2_accel_gemv_v8"  # bump with the source: the on-disk cache is keyed by name and source
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
