@@ -6,7 +6,15 @@ processors, stopping criteria, input preparation, a growing ``DynamicCache``) th
 small model's step. This loop keeps only the work:
 
 * a static KV cache: one (B, n_head, prompt + new, head_dim) buffer per layer, written in place (no concat);
-* the blocks' LayerNorms and :func:`causal_attention`, so every attention variant decodes as the forward does;
+* on CPU in fp32 or int8, with softmax attention and up to :data:`gpt2_accel.gemv.MAX_ROWS` prompts, the
+  one-token step's blocks run in ONE call of :mod:`gpt2_accel.gemv`'s kernel (``decode_step``): per layer
+  LayerNorm, the qkv product, this position's keys/values written into the cache, one query per head against
+  the cached keys (softmax in fp32, scale 1/sqrt(head_dim), as :func:`causal_attention`'s ``"SM"``), the output
+  product and residual, LayerNorm, the MLP with GPT-2's tanh GELU, residual; then ln_f. Op by op the step
+  dispatched ~20 torch ops per layer (SDPA's CPU flash kernel ~0.19 ms a one-query call, profiled), ~1.5-3 ms of
+  a ~12 ms token at the reference shape; fused, the blocks cost about their bytes read (docs/performance.md);
+* otherwise (the prompt, other attention variants or norms, ``fused=False``, no kernel) the blocks' LayerNorms
+  and :func:`causal_attention`, so every attention variant decodes as the forward does;
 * on CPU, the blocks' Linear layers for a few rows of input (one decoded token per prompt, up to
   :data:`gpt2_accel.gemv.MAX_ROWS` prompts), and the LM head from 2 rows on, go through :mod:`gpt2_accel.gemv`'s
   kernel, which reads each weight row once in ``nn.Linear``'s own layout; longer inputs (the prompt) go through
@@ -26,8 +34,9 @@ small model's step. This loop keeps only the work:
 Sampling follows ``generate()``'s order and conventions: temperature, then top-k, then top-p (the smallest set of
 likeliest tokens whose mass reaches top_p, the most likely always kept), then one ``torch.multinomial`` draw.
 Greedy (``temperature == 0``) tokens equal ``generate()``'s (tests/test_sample.py, tests/test_decode_fast.py):
-the kernel sums in another order than torch's BLAS, so logits differ by fp32 rounding (~1e-6 relative), which
-changes a greedy token only where the two likeliest logits tie to that precision.
+the kernel sums in another order than torch's BLAS, so logits differ by fp32 rounding (~1e-6 relative; the
+fused step is tested within 1e-5 of the logits' scale of a float64 forward), which changes a greedy token only
+where the two likeliest logits tie to that precision.
 """
 
 from __future__ import annotations
@@ -76,11 +85,14 @@ class Decoder:
         static: bool | None = None,
         quantize: str | None = None,
         kernel: bool = True,
+        fused: bool = True,
     ):
         """``compile`` (CUDA only) compiles the fixed-shape step with CUDA graphs; ``static`` forces the
         fixed-shape step without compiling (default: only when compiling). ``quantize="int8"`` (CPU, fp32 models)
         decodes with weight-only int8 matrices. ``kernel=False`` keeps torch's matrix products on CPU (the path
-        taken anyway where :mod:`gpt2_accel.gemv`'s kernel cannot be built)."""
+        taken anyway where :mod:`gpt2_accel.gemv`'s kernel cannot be built). ``fused=False`` keeps the
+        one-token step op by op even where the kernel's fused step applies (softmax attention, up to
+        :data:`gpt2_accel.gemv.MAX_ROWS` prompts)."""
         self.model = model.eval()
         self.cfg = model.config
         self.t = model.transformer
@@ -112,6 +124,13 @@ class Decoder:
              for name, n in (("attn_qkv", "c_attn"), ("attn_out", "c_proj"), ("mlp_in", "c_fc"), ("mlp_out", "c_proj"))}
             for block in self.t.h
         ]  # fmt: skip
+        # The kernel's fused one-token step (every block and ln_f in one call) computes GPT-2's block: LayerNorms
+        # and softmax attention only; other variants keep causal_attention (and the model's norms), op by op.
+        norms = [m for b in self.t.h for m in (b.ln_1, b.ln_2)] + [self.t.ln_f]
+        gpt2_block = self.cfg.attn_type == "SM" and all(type(m) is torch.nn.LayerNorm for m in norms)
+        self.fused = (
+            self._fused_params(quantize) if fused and self.kernel is not None and gpt2_block else None
+        )
         compile = compile and w.device.type == "cuda"
         self.static = compile if static is None else (static or compile)
         self.step = self._step_static if self.static else self._step
@@ -175,6 +194,24 @@ class Decoder:
             x = x + self._mlp(block.ln_2(x), lin)
         return self.t.ln_f(x)  # (B, T, C)
 
+    def _fused_params(self, quantize: str | None) -> list[torch.Tensor]:
+        """The parameters of every block, then ln_f, in the order of the kernel's ``decode_step``: per layer
+        ln_1 (weight, bias), c_attn, attn c_proj (weight, scale, bias each), ln_2, c_fc, mlp c_proj; an empty
+        tensor where there is no bias, scale or norm weight."""
+        none = torch.empty(0)
+
+        def norm(ln: torch.nn.Module) -> list[torch.Tensor]:
+            return [none if p is None else p.detach().contiguous() for p in (ln.weight, ln.bias)]
+
+        def mat(m: _Matrix) -> list[torch.Tensor]:
+            return [m.w, none if m.scale is None else m.scale, none if m.b is None else m.b.contiguous()]
+
+        params = []
+        for block, lin in zip(self.t.h, self.lin, strict=True):
+            params += norm(block.ln_1) + mat(lin["attn_qkv"]) + mat(lin["attn_out"])
+            params += norm(block.ln_2) + mat(lin["mlp_in"]) + mat(lin["mlp_out"])
+        return params + norm(self.t.ln_f)
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._linear(h, self.head)  # (B, C) -> (B, V)
 
@@ -187,6 +224,18 @@ class Decoder:
     def _step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
         """One new token per row (tok: (B, 1)) at position ``pos``; keys up to ``pos`` (sliced cache)."""
         x = self.t.wte(tok) + self.t.wpe.weight[pos]  # (B, 1, C)
+        if self.fused is not None and tok.size(0) <= gemv.MAX_ROWS:
+            h = self.kernel.decode_step(
+                x[:, 0],
+                self.fused,
+                self.k,
+                self.v,
+                pos,
+                self.cfg.n_head,
+                self.t.ln_f.eps,
+                gemv.FUSED_SPLIT_BYTES,
+            )  # (B, C): every block and ln_f in one call
+            return self._logits(h)
         return self._logits(self._blocks(x, pos, pos + 1, None)[:, -1])
 
     def _step_static(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,10 @@ time of one. The kernel below reads each weight row once, contiguously:
 * optionally int8 weights with one fp32 scale per output row (weight-only quantisation: the input stays fp32,
   each weight is converted to fp32 in registers, the row's sum is scaled once), a quarter of the bytes.
 
+``decode_step`` runs a whole one-token step of GPT-2's blocks (LayerNorm, qkv, cached single-query softmax
+attention, output product, GELU MLP, residuals; then ln_f) in one call, with the same products: at batch 1 a
+small model's step is otherwise dominated by the dispatch of ~20 torch ops per layer (``gpt2_accel.decode``).
+
 It is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and ninja; cached under
 ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, so later runs load it in well under a second).
 Where it cannot be built (no compiler, no AVX2) :func:`kernel` returns None once with a warning, and the decoder
@@ -37,10 +41,19 @@ MAX_ROWS = 32
 compute-bound there and better at it. From 2 to 32 rows the kernel was faster than ``x @ W^T`` on every decoding
 shape measured (MKL's small-M products of the (50304 x 384) head took 4-8x its one-row time; docs/performance.md)."""
 
+FUSED_SPLIT_BYTES = 512 << 10
+"""Least work (bytes of weights or cache read) the fused step hands to a second thread: 512 KB splits each block
+matrix of the reference shape over 2 threads. On a quiet 2-core host that took the batch-1 token from 10.3 to
+7.7 ms (the blocks then stream with both cores' bandwidth); on a loaded one it made the step ~2.4x slower (each
+hand-off waits for a descheduled thread), as every 2-thread decoder there: sample with 1 thread on a busy
+machine (then nothing is split). The plain ``gemv`` keeps 4 MB (docs/performance.md)."""
+
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -166,6 +179,27 @@ void rows(const float* x, int64_t M, const W* w, int64_t K, const float* scale, 
 
 }  // namespace
 
+// y (M, N) = x (M, K) @ w^T (scaled per row for int8) + bias; nullptr scale/bias = none. Blocks of 4 output
+// rows. A thread's share is at least ~4 MB of weights (or as much work with several inputs): on a shared 2-core
+// host each hand-off to a second thread can wait milliseconds for it to be scheduled, so only the big matrix of
+// a small model (its LM head) is split; the blocks' matrices (~2 MB at 384 wide) run on the calling thread
+// (measured: docs/performance.md).
+void linear(const float* xp, int64_t M, int64_t K, const torch::Tensor& w, const float* sp, const float* bp,
+            float* yp, int64_t split_bytes = 4 << 20) {
+  const int64_t N = w.size(0);
+  const bool q = w.scalar_type() == at::kChar;
+  const int64_t blocks = (N + 3) / 4;
+  const int64_t block_cost = 4 * K * w.element_size() * std::max<int64_t>(1, M / 2);
+  const int64_t grain = std::max<int64_t>(1, split_bytes / std::max<int64_t>(1, block_cost));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t o0 = b0 * 4, o1 = std::min(N, b1 * 4);
+    if (q)
+      rows<int8_t>(xp, M, w.data_ptr<int8_t>(), K, sp, bp, yp, N, o0, o1);
+    else
+      rows<float>(xp, M, w.data_ptr<float>(), K, nullptr, bp, yp, N, o0, o1);
+  });
+}
+
 // x (M, K) fp32; w (N, K) fp32 or int8; scale (N,) fp32 with int8 weights; bias (N,) fp32 -> (M, N) fp32.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale,
                    c10::optional<torch::Tensor> bias) {
@@ -187,27 +221,170 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
     bp = bias->data_ptr<float>();
   }
   auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // Blocks of 4 output rows. A thread's share is at least ~4 MB of weights (or as much work with several
-  // inputs): on a shared 2-core host each hand-off to a second thread can wait milliseconds for it to be
-  // scheduled, so only the big matrix of a small model (its LM head) is split; the blocks' matrices (~2 MB
-  // at 384 wide) run on the calling thread (measured: docs/performance.md).
-  const int64_t blocks = (N + 3) / 4;
-  const int64_t block_cost = 4 * K * w.element_size() * std::max<int64_t>(1, M / 2);
-  const int64_t grain = std::max<int64_t>(1, (4 << 20) / std::max<int64_t>(1, block_cost));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t o0 = b0 * 4, o1 = std::min(N, b1 * 4);
-    if (q)
-      rows<int8_t>(xp, M, w.data_ptr<int8_t>(), K, sp, bp, yp, N, o0, o1);
-    else
-      rows<float>(xp, M, w.data_ptr<float>(), K, nullptr, bp, yp, N, o0, o1);
-  });
+  linear(x.data_ptr<float>(), M, K, w, sp, bp, y.data_ptr<float>());
   return y;
+}
+
+// ------------------------------------------------------------------------------------- the fused decode step
+namespace {
+
+// LayerNorm of each of M rows of width C (biased variance, as torch), sums in double: y = (x - mean) * rstd * g + b
+// (no g / b: a norm without them).
+void layer_norm(const float* x, int64_t M, int64_t C, const float* g, const float* b, double eps, float* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * C;
+    float* yr = y + m * C;
+    double s = 0;
+    for (int64_t c = 0; c < C; ++c) s += xr[c];
+    const double mean = s / C;
+    double v = 0;
+    for (int64_t c = 0; c < C; ++c) v += (xr[c] - mean) * (xr[c] - mean);
+    const double rstd = 1.0 / std::sqrt(v / C + eps);
+    for (int64_t c = 0; c < C; ++c) {
+      float n = static_cast<float>((xr[c] - mean) * rstd);
+      if (g) n *= g[c];
+      yr[c] = b ? n + b[c] : n;
+    }
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  const int64_t n8 = n & ~int64_t(7);
+  __m256 s = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n8; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+  float t[4];
+  const __m256 z = _mm256_setzero_ps();
+  _mm_storeu_ps(t, hsum4(s, z, z, z));
+  float r = t[0];
+  for (int64_t i = n8; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
+  const int64_t n8 = n & ~int64_t(7);
+  const __m256 av = _mm256_set1_ps(a);
+  for (int64_t i = 0; i < n8; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (int64_t i = n8; i < n; ++i) y[i] += a * x[i];
+}
+
+// One query per (row, head) against the cached keys/values 0..pos (causal: the newest key is the query's own),
+// softmax in fp32 with the max subtracted, scale 1/sqrt(hs) (causal_attention's "SM").
+// qkv (M, 3C) = [q | k | v]; kc, vc (M, nh, Tmax, hs) get this position's k, v; y (M, C) heads side by side.
+void attention(const float* qkv, int64_t M, int64_t C, int64_t nh, float* kc, float* vc, int64_t Tmax,
+               int64_t pos, float* y, int64_t split_bytes) {
+  const int64_t hs = C / nh, T = pos + 1;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t h = 0; h < nh; ++h) {
+      float* kd = kc + ((m * nh + h) * Tmax + pos) * hs;
+      float* vd = vc + ((m * nh + h) * Tmax + pos) * hs;
+      std::memcpy(kd, qkv + m * 3 * C + C + h * hs, hs * sizeof(float));
+      std::memcpy(vd, qkv + m * 3 * C + 2 * C + h * hs, hs * sizeof(float));
+    }
+  // Each (row, head) is independent; split over threads by the same rule as the products (split_bytes of
+  // cache to read per thread).
+  const int64_t task_bytes = 2 * T * hs * 4;
+  const int64_t grain = std::max<int64_t>(1, split_bytes / task_bytes);
+  at::parallel_for(0, M * nh, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(T);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m = t / nh, h = t % nh;
+      const float* q = qkv + m * 3 * C + h * hs;
+      const float* K = kc + (m * nh + h) * Tmax * hs;
+      const float* V = vc + (m * nh + h) * Tmax * hs;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < T; ++j) {
+        p[j] = dot(q, K + j * hs, hs) * scale;
+        mx = std::max(mx, p[j]);
+      }
+      float sum = 0;
+      for (int64_t j = 0; j < T; ++j) {
+        p[j] = std::exp(p[j] - mx);
+        sum += p[j];
+      }
+      float* yr = y + m * C + h * hs;
+      std::fill(yr, yr + hs, 0.0f);
+      for (int64_t j = 0; j < T; ++j) axpy(p[j], V + j * hs, yr, hs);
+      const float inv = 1.0f / sum;
+      for (int64_t d = 0; d < hs; ++d) yr[d] *= inv;
+    }
+  });
+}
+
+// GPT-2's GELU, the tanh approximation 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), written as
+// x / (1 + exp(-2u)) (the same function: 1 + tanh(u) = 2 / (1 + exp(-2u))), which keeps its relative accuracy
+// for large negative x, where 1 + tanh(u) cancels.
+void gelu_tanh(float* x, int64_t n) {
+  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float u = k * (v + 0.044715f * v * v * v);
+    x[i] = v / (1.0f + std::exp(-2.0f * u));
+  }
+}
+
+const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+}  // namespace
+
+// One decoded token per row through every GPT-2 block and ln_f, in one call (no per-op dispatch):
+// x (M, C) the token + position embeddings; p: per layer 16 tensors, then ln_f's weight and bias:
+//   ln_1 (weight, bias), c_attn (weight, scale, bias), attn c_proj (w, s, b), ln_2 (w, b), c_fc (w, s, b),
+//   mlp c_proj (w, s, b) -- weights fp32 (N, K) or int8 with a scale (N,); an empty tensor = no bias / scale;
+// kc, vc: per layer the (M, nh, Tmax, hs) fp32 caches, filled up to pos - 1; this call writes position pos;
+// split_bytes: the least work (bytes of weights or cache read) handed to another thread (FUSED_SPLIT_BYTES).
+// Returns ln_f(x) (M, C).
+torch::Tensor decode_step(torch::Tensor x, std::vector<torch::Tensor> p, std::vector<torch::Tensor> kc,
+                          std::vector<torch::Tensor> vc, int64_t pos, int64_t n_head, double eps,
+                          int64_t split_bytes) {
+  const int64_t L = static_cast<int64_t>(kc.size());
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(p.size()) == 16 * L + 2 && static_cast<int64_t>(vc.size()) == L,
+              "decode_step: 16 tensors per layer + 2, one k and v cache per layer");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "decode_step: x (M, C) fp32");
+  for (const auto& t : p)
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kChar),
+                "decode_step: contiguous fp32/int8 CPU parameters");
+  const int64_t M = x.size(0), C = x.size(1), nh = n_head, hs = C / nh;
+  TORCH_CHECK(C % nh == 0, "decode_step: n_embd must be a multiple of n_head");
+  for (int64_t l = 0; l < L; ++l)
+    for (const auto* c : {&kc[l], &vc[l]})
+      TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 && c->size(0) == M &&
+                  c->size(1) == nh && c->size(3) == hs && pos >= 0 && pos < c->size(2),
+                  "decode_step: caches (M, n_head, T, head_dim) fp32 with pos < T");
+  const int64_t Tmax = kc[0].size(2);
+  auto out = x.clone();
+  float* r = out.data_ptr<float>();  // the residual stream (M, C)
+  std::vector<float> a(M * C), big(M * std::max<int64_t>(3 * C, p[10].size(0))), y(M * C);
+  auto lin = [&](const float* in, int64_t K, int64_t i, float* dst) {  // p[i], p[i + 1], p[i + 2]: w, s, b
+    TORCH_CHECK(p[i].dim() == 2 && p[i].size(1) == K && (p[i].scalar_type() == at::kChar) == (p[i + 1].numel() > 0),
+                "decode_step: a weight (N, K), a scale with int8 weights only");
+    linear(in, M, K, p[i], opt(p[i + 1]), opt(p[i + 2]), dst, split_bytes);
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t o = 16 * l;
+    TORCH_CHECK(p[o + 2].size(0) == 3 * C, "decode_step: c_attn must have 3 * n_embd outputs");
+    layer_norm(r, M, C, opt(p[o]), opt(p[o + 1]), eps, a.data());
+    lin(a.data(), C, o + 2, big.data());  // (M, 3C)
+    attention(big.data(), M, C, nh, kc[l].data_ptr<float>(), vc[l].data_ptr<float>(), Tmax, pos, y.data(),
+              split_bytes);
+    lin(y.data(), C, o + 5, a.data());  // (M, C)
+    for (int64_t i = 0; i < M * C; ++i) r[i] += a[i];
+    layer_norm(r, M, C, opt(p[o + 8]), opt(p[o + 9]), eps, a.data());
+    const int64_t H = p[o + 10].size(0);
+    TORCH_CHECK(static_cast<int64_t>(big.size()) >= M * H && p[o + 13].size(0) == C, "decode_step: MLP shapes");
+    lin(a.data(), C, o + 10, big.data());  // (M, 4C)
+    gelu_tanh(big.data(), M * H);
+    lin(big.data(), H, o + 13, a.data());  // (M, C)
+    for (int64_t i = 0; i < M * C; ++i) r[i] += a[i];
+  }
+  auto h = torch::empty_like(out);
+  layer_norm(r, M, C, opt(p[16 * L]), opt(p[16 * L + 1]), eps, h.data_ptr<float>());
+  return h;
 }
 """
 
-_NAME = "gpt2_accel_gemv_v4"  # bump with the source: the on-disk cache is keyed by name and source
+_NAME = "gpt2_accel_gemv_v8"  # bump with the source: the on-disk cache is keyed by name and source
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -234,7 +411,7 @@ def kernel():
             _state["module"] = load_inline(
                 name=_NAME,
                 cpp_sources=_SOURCE,
-                functions=["gemv"],
+                functions=["gemv", "decode_step"],
                 # -fopenmp: at::parallel_for is a header template that runs threads only when compiled with
                 # OpenMP; the library it links (libgomp.so.1) is the one torch has already loaded.
                 extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],

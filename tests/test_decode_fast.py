@@ -3,17 +3,21 @@
 * the kernel's products against a float64 formula, fp32 and int8 weights, odd sizes, one and two threads;
 * the torch path when the kernel cannot be built (no compiler), with the same greedy tokens;
 * greedy tokens of the kernel decoder equal transformers' generate(), at batch sizes across the kernel's limit;
+* the kernel's fused one-token step (every block in one call): logits against a float64 forward, with and
+  without biases and norm gains, odd head sizes, int8 weights; the op-by-op path where it does not apply;
 * weight-only int8 on a trained tiny model: the same greedy tokens and logits within a stated bound of fp32;
 * `gpt2-accel sample --quantize int8`, and the errors where it cannot apply.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import jitter, tiny_model
 
 from gpt2_accel import gemv
 from gpt2_accel.decode import Decoder
@@ -121,9 +125,96 @@ def test_kernel_decoder_greedy_equals_generate(kernel, batch):
     assert (
         dec.kernel is kernel and dec.lin[0]["mlp_in"].wt is None
     )  # no transposed block copies with the kernel
+    calls = _count_fused(dec)
     got = dec.generate(prompt, 20)
+    assert calls["n"] == (19 if batch <= gemv.MAX_ROWS else 0)  # the fused step up to MAX_ROWS prompts
     assert torch.equal(got, _generate(model, prompt, 20))
     assert torch.equal(got, Decoder(model, kernel=False).generate(prompt, 20))
+
+
+def _count_fused(dec: Decoder) -> dict:
+    """Count the decoder's calls of the kernel's fused step (a proxy in front of the compiled module)."""
+    calls = {"n": 0}
+    real = dec.kernel
+
+    def decode_step(*args):
+        calls["n"] += 1
+        return real.decode_step(*args)
+
+    dec.kernel = SimpleNamespace(gemv=real.gemv, decode_step=decode_step)
+    return calls
+
+
+def _step_logits(dec: Decoder, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of positions prefill-1 .. T-1 of ``ids`` (B, T): the prompt's last, then one cached step each."""
+    with torch.inference_mode():
+        dec._alloc(ids.size(0), ids.size(1))
+        out = [dec._prefill(ids[:, :prefill])]
+        for i in range(prefill, ids.size(1)):
+            out.append(dec._step(ids[:, i : i + 1], i))
+    return torch.stack(out, 1)  # (B, T - prefill + 1, V)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"bias": False},  # no Linear or LayerNorm biases: empty tensors in the fused step's list
+        {
+            "n_embd": 60,
+            "n_head": 4,
+            "norm_elementwise_affine": False,
+        },  # head size 15: the vector loops' tails
+    ],
+    ids=["gpt2", "no-bias", "odd-heads-no-gain"],
+)
+def test_fused_step_logits_equal_the_float64_forward(kernel, overrides):
+    """Every step of the fused decoder (3 prompts, 40 positions) gives the float64 forward's logits to fp32
+    rounding (1e-5 of the logits' scale), as the model's own fp32 forward does. Parameters are jittered so that
+    a swapped bias, gain or GELU variant shows."""
+    model = jitter(tiny_model(**overrides), scale=0.05)
+    ref64 = copy.deepcopy(model).double()
+    ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref64(ids, use_cache=False).logits[:, 3:]  # (3, 37, V) float64
+        fp32 = model(ids, use_cache=False).logits[:, 3:].double()
+    dec = Decoder(model)
+    calls = _count_fused(dec)
+    got = _step_logits(dec, ids, 4).double()  # (3, 37, V)
+    assert calls["n"] == 36
+    scale = want.abs().amax()
+    err, err_fp32 = (got - want).abs().amax() / scale, (fp32 - want).abs().amax() / scale
+    assert err_fp32 < 1e-5  # the bound is one fp32 arithmetic meets
+    assert err < 1e-5, (
+        f"fused step {err:.3g} of the logits' scale from float64 (model's fp32 forward {err_fp32:.3g})"
+    )
+    # the op-by-op step (fused=False) agrees too: both are the same model
+    unfused = _step_logits(Decoder(model, fused=False), ids, 4).double()
+    assert (unfused - want).abs().amax() / scale < 1e-5
+
+
+def test_fused_step_with_int8_weights_equals_the_op_by_op_int8_step(kernel):
+    """int8 matrices go through the fused step too (row scales applied in the kernel): its logits equal the
+    op-by-op int8 decoder's (the same quantised products, computed by the same kernel) to fp32 rounding."""
+    model = jitter(tiny_model(), scale=0.05)
+    ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(1))
+    fused = Decoder(model, quantize="int8")
+    calls = _count_fused(fused)
+    a = _step_logits(fused, ids, 3)
+    b = _step_logits(Decoder(model, quantize="int8", fused=False), ids, 3)
+    assert calls["n"] == 27
+    assert ((a - b).abs().amax() / b.abs().amax()) < 1e-5
+
+
+@pytest.mark.parametrize("attn_type", ["GK", "PA_relu"])
+def test_non_softmax_attention_decodes_op_by_op(kernel, attn_type):
+    """The fused step computes softmax attention only: other variants keep causal_attention, and their greedy
+    tokens still equal generate()'s."""
+    model = tiny_model(initializer_range=0.2, attn_type=attn_type)
+    dec = Decoder(model)
+    assert dec.fused is None
+    prompt = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(dec.generate(prompt, 16), _generate(model, prompt, 16))
 
 
 def test_without_a_compiler_decoding_falls_back_to_torch(tmp_path, monkeypatch, caplog):
@@ -138,7 +229,7 @@ def test_without_a_compiler_decoding_falls_back_to_torch(tmp_path, monkeypatch, 
     assert "could not build the CPU decoding kernel" in caplog.text
     model = tiny_model(initializer_range=0.2)
     dec = Decoder(model)
-    assert dec.kernel is None and dec.lin[0]["mlp_in"].wt is not None
+    assert dec.kernel is None and dec.fused is None and dec.lin[0]["mlp_in"].wt is not None
     prompt = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(0))
     assert torch.equal(dec.generate(prompt, 16), _generate(model, prompt, 16))
     with pytest.raises(ValueError, match=r"needs gpt2_accel\.gemv's CPU kernel, which could not be built"):
@@ -209,6 +300,19 @@ def test_int8_decoding_stays_within_the_stated_tolerance(kernel, trained):
     assert (
         int8.weight_bytes() < 0.4 * fp32.weight_bytes()
     )  # int8 matrices + fp32 scales, LayerNorms, positions
+
+
+def test_fused_greedy_tokens_equal_generate_on_a_trained_model(kernel, trained):
+    """On a trained model (confident logits) the fused decoder's 40 greedy tokens equal generate()'s and follow
+    what the model learned, at batch 1 and 3."""
+    model, perm = trained
+    for prompt in (torch.tensor([[9, 4]]), torch.tensor([[3, 5], [77, 1], [100, 42]])):
+        dec = Decoder(model)
+        calls = _count_fused(dec)
+        got = dec.generate(prompt, 40)
+        assert calls["n"] == 39
+        assert torch.equal(got, _generate(model, prompt, 40))
+        assert torch.equal(got[:, 2:], perm[got[:, 1:-1]])
 
 
 def test_int8_is_refused_where_it_cannot_apply():
