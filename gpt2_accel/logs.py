@@ -24,7 +24,10 @@ ROUTINE: tuple[tuple[str, str], ...] = (
     ("accelerate.utils.other", r"Removed shared tensor"),
     # One INFO line per file that save_state/load_state writes or reads.
     ("accelerate.checkpointing", r""),
-    ("accelerate.accelerator", r"(Saving current state|Loading states) (to|from)"),
+    (
+        "accelerate.accelerator",
+        r"(Saving current state|Loading states) (to|from)|Loading in \d+ custom states",
+    ),
     # Under FSDP (seen on a GPU run, accelerate 1.15): a line per model/optimizer shard saved or loaded.
     (
         "accelerate.accelerator",

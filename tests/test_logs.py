@@ -25,6 +25,7 @@ SEEN = [
         "[RANK 0] Model saved to /tmp/r/checkpoints/.tmp-step_10/state/pytorch_model",
     ),
     ("accelerate.accelerator", "Saving current state to /tmp/r/checkpoints/.tmp-step_10/state"),
+    ("accelerate.accelerator", "[RANK 0] Loading in 0 custom states"),
     ("matplotlib.font_manager", "generated new fontManager"),
 ]
 
