@@ -60,7 +60,7 @@ SHAPES = {  # n_layer, n_head, n_embd, n_positions
 
 
 @torch.no_grad()
-def generate_hf(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def generate_hf(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
     """transformers' generate() on our model: the prompt once, then one token per forward with the KV cache."""
     return model.generate(
         prompt,
@@ -70,21 +70,13 @@ def generate_hf(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: i
         do_sample=False,
         use_cache=True,
         pad_token_id=0,
+        **kwargs,
     )
 
 
-@torch.no_grad()
 def generate_hf_static(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """generate() with transformers' StaticCache (a fixed-size buffer written in place)."""
-    return model.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        cache_implementation="static",
-        pad_token_id=0,
-    )
+    return generate_hf(model, prompt, new_tokens, cache_implementation="static")
 
 
 @torch.no_grad()

@@ -25,12 +25,10 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from test_distributed import ROOT, _wait_all
 
 from gpt2_accel.optim import check_optimizer_mode
 from gpt2_accel.recipe import RecipeError, TrainingArguments
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 240  # every launched process gets one
 
 WORKER = textwrap.dedent(
     """
@@ -208,13 +206,7 @@ def _run_ranks(script: Path, world: int, *args: str) -> None:
                          stderr=subprocess.STDOUT, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
         for r in range(world)
     ]  # fmt: skip
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=TIMEOUT)[0])
-        finally:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    _wait_all(procs)
 
 
 @pytest.mark.slow  # a 2-rank launch and a 1-rank one: ~30-45 s on 2 loaded cores
