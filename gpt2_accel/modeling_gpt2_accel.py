@@ -68,8 +68,11 @@ def mp_normalize(w: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """EDM2's magnitude-preserving sum (Sec. 2.5): ((1 - t) a + t b) / sqrt((1 - t)^2 + t^2).
 
-    For independent a and b of unit RMS the result has unit RMS; t is b's share (t = 0.5: equal weights)."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+    For independent a and b of unit RMS the result has unit RMS; t is b's share (t = 0.5: equal weights). Under
+    autocast the branch comes back in bf16/fp16 while the residual stream stays fp32: both go to the wider dtype,
+    as ``a + b`` would (``lerp`` itself refuses mixed dtypes)."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype).lerp(b.to(dtype), t) / math.sqrt((1 - t) ** 2 + t**2)
 
 
 # RMS of each MLP activation over a unit normal input, E[f(x)^2]^(1/2) with x ~ N(0, 1): dividing by it gives unit

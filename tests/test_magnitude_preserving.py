@@ -299,6 +299,25 @@ def test_real_trainer_steps_renormalise_and_the_saved_model_reloads_exactly(tmp_
         assert torch.equal(saved(ids).logits, trainer.model.eval()(ids).logits)
 
 
+def test_bf16_mixed_precision_forward_and_training(tmp_path):
+    # Under autocast the blocks' branches come back in bf16 while the residual stream stays fp32; mp_sum must blend
+    # the two (it once raised "expected dtype float for `end`", seen on a GPU with bf16: true).
+    from gpt2_accel.trainer import Trainer
+
+    model = mp_model(mlp_type="swiglu", position_embedding_type="rope", norm_type="rmsnorm")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(ids).logits.float()
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 rounding, not another function
+    run = tmp_path / "run"
+    Trainer(**TRAIN, bf16=True, output_dir=str(run)).train()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == TRAIN["max_steps"] and all(math.isfinite(x) for x in losses)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     import numpy as np
