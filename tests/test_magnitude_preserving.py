@@ -311,8 +311,16 @@ def test_bf16_mixed_precision_forward_and_training(tmp_path):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = model(ids).logits.float()
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 rounding, not another function
+    from accelerate.state import AcceleratorState
+
     run = tmp_path / "run"
-    Trainer(**TRAIN, bf16=True, output_dir=str(run)).train()
+    # Accelerate keeps one process-wide state, and this worker may have trained in fp32 already: start afresh,
+    # and leave it fresh for the next test (accelerate's own tests reset it the same way)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        Trainer(**TRAIN, bf16=True, output_dir=str(run)).train()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == TRAIN["max_steps"] and all(math.isfinite(x) for x in losses)
