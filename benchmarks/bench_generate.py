@@ -13,8 +13,12 @@ Shapes (256 new greedy tokens): ``ref`` = the reference model (6 layers, 6 heads
 * ``recompute``: nanoGPT's sampler: crop the sequence to the context, run it all through the model, keep the last
   position's logits (only that position goes through the LM head, as nanoGPT does), append the argmax.
 * ``cache-loop``: a minimal cached loop: the prompt once into a ``DynamicCache``, then one token per forward.
-* ``generate``: transformers' ``generate()`` on our model (greedy, cache): the loop above plus its per-token
-  machinery (logits processors, stopping criteria, input preparation).
+* ``generate``: ``generate()`` on our model (greedy, cache), as a user calls it: transformers prepares the call
+  (generation config, logits processors, stopping criteria) and, for plain greedy/sampled decoding of float32
+  weights, the loop runs on ``gpt2_accel.decode``'s decoder (``GPT2AccelForCausalLM.fast_sample``) with
+  transformers' processors and criteria each token.
+* ``generate-hf``: ``generate()`` with that hook off (``model.fast_sample = None``): transformers' own loop, the
+  ``cache-loop`` above plus its per-token machinery (input preparation, a growing ``DynamicCache``).
 * ``fast``: ``gpt2_accel.decode.Decoder``, what ``gpt2-accel sample`` runs (``--batch_size`` rows at once): a
   static KV cache and, on CPU, the matrices through gpt2_accel.gemv's kernel (issue 19).
 * ``fast-torch``: the same decoder with torch's products (transposed weight copies, ``x @ W^T``): what sample
@@ -66,12 +70,24 @@ def generate_hf(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: i
         prompt,
         attention_mask=torch.ones_like(prompt),
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
         do_sample=False,
         use_cache=True,
         pad_token_id=0,
+        # no row stops at <|endoftext|>, as `gpt2-accel sample` passes it. (min_new_tokens=new_tokens would force
+        # the length too, but its logits processor, transformers' own, costs ~0.7-2 ms a token here: torch.isin
+        # over the 50257-entry vocabulary every step.)
+        eos_token_id=None,
         **kwargs,
     )
+
+
+def generate_hf_loop(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """generate() with transformers' own decoding loop (our faster loop unplugged for this call)."""
+    model.fast_sample = None
+    try:
+        return generate_hf(model, prompt, new_tokens)
+    finally:
+        del model.fast_sample  # back to the class's hook
 
 
 def generate_hf_static(model: GPT2AccelForCausalLM, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -125,6 +141,7 @@ METHODS: dict[str, Callable] = {
     "recompute": generate_recompute,
     "cache-loop": generate_cache_loop,
     "generate": generate_hf,
+    "generate-hf": generate_hf_loop,
     "generate-static": generate_hf_static,
     "fast": fast_method(),  # what `gpt2-accel sample` runs
     "fast-torch": fast_method(kernel=False),
@@ -239,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="comma-separated subset of "
         + ",".join(METHODS)
-        + " (default on CPU generate,fast,fast-torch,fast-int8; on a GPU generate,generate-static,fast,"
+        + " (default on CPU generate,generate-hf,fast,fast-torch,fast-int8; on a GPU generate,generate-hf,generate-static,fast,"
         "fast-static,fast-compile)",
     )
     p.add_argument(
@@ -263,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     gpu = a.device != "cpu"
     default = (
-        "generate,generate-static,fast,fast-static,fast-compile"
+        "generate,generate-hf,generate-static,fast,fast-static,fast-compile"
         if gpu
-        else "generate,fast,fast-torch,fast-int8"
+        else "generate,generate-hf,fast,fast-torch,fast-int8"
     )
     methods = (a.methods or default).split(",")
     ok = True

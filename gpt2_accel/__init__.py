@@ -7,6 +7,7 @@ so ``AutoModelForCausalLM.from_pretrained(run_dir)`` works for any run directory
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_gpt2_accel import GPT2AccelConfig
+from .decode import fast_sample
 from .lora import register_peft_defaults
 from .modeling_gpt2_accel import GPT2AccelForCausalLM, GPT2AccelModel
 from .versions import check_installed_versions
@@ -24,6 +25,10 @@ AutoModelForCausalLM.register(GPT2AccelConfig, GPT2AccelForCausalLM, exist_ok=Tr
 GPT2AccelConfig.register_for_auto_class()
 GPT2AccelModel.register_for_auto_class("AutoModel")
 GPT2AccelForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+# generate()'s greedy and sampling loop runs on gpt2_accel.decode's static-cache decoder where that computes the model
+# exactly (else transformers' loop runs): the model file cannot import this package, so the package plugs it in.
+GPT2AccelForCausalLM.fast_sample = fast_sample
 
 # PEFT's LoraConfig() without target_modules finds ours (c_attn, c_proj, c_fc) for model_type gpt2_accel.
 register_peft_defaults()

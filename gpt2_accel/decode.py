@@ -41,11 +41,16 @@ where the two likeliest logits tie to that precision.
 
 from __future__ import annotations
 
+import logging
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 from . import gemv
 from .attention import causal_attention
+
+logger = logging.getLogger(__name__)
 
 QUANTIZE = (None, "int8")
 """Weight formats :class:`Decoder` decodes with (``None`` = the model's own weights)."""
@@ -68,10 +73,25 @@ def supports_fast_decoding(model) -> bool:
         return False
     if [b for b in _blockers(model.config, "gpt2") if not b.startswith("attn_type=")]:
         return False  # a modern block option (rotary, RMSNorm, GQA...): generate() handles it
+    if not _plain_layers(model):
+        return False
     try:
         return Decoder(model).agrees_with_model()
     except Exception:  # an architecture option the decoder does not know (a missing module, another shape)
         return False
+
+
+def _plain_layers(model) -> bool:
+    """Is every layer the decoder reads the plain class it re-expresses, with no hooks? A PEFT adapter (its
+    ``weight`` is the base layer's), a quantised layer, accelerate's offload hook or a user's forward hook makes the
+    model compute something the decoder would not."""
+    if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules()):
+        return False
+    t = model.transformer
+    layers = [model.lm_head, t.wte, t.wpe]
+    for b in t.h:
+        layers += [b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj]
+    return all(type(m) in (torch.nn.Linear, torch.nn.Embedding) for m in layers)
 
 
 class Decoder:
@@ -329,6 +349,142 @@ class Decoder:
         if streamer is not None:
             streamer.end()
         return out
+
+
+# ------------------------------------------------------------------------------------ generate()'s loop
+# model -> (its weights' key, its Decoder or None when the decoder does not compute this model)
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# The model inputs generate() prepares for an unpadded prompt without a cache of the caller's (transformers 5.4-5.24);
+# any other keyword (output_attentions, a multimodal input...) goes to transformers' loop.
+_PLAIN_MODEL_KWARGS = {"attention_mask", "position_ids", "cache_position", "cache", "past_key_values", "use_cache", "logits_to_keep"}  # fmt: skip
+
+
+def _weights_key(model) -> tuple | None:
+    """Where every parameter lives and how often it was written in place: a decoder built for one key reads
+    the same weights (an optimizer step, ``load_state_dict`` or ``.to()`` changes it). None where torch keeps
+    no version counter (parameters made under ``torch.inference_mode``): no decoder is kept for them."""
+    try:
+        return tuple((p.data_ptr(), p._version) for p in model.parameters())
+    except RuntimeError:
+        return None
+
+
+def _cached_decoder(model) -> Decoder | None:
+    """This model's decoder, built (and checked against the model's forward) once per state of its weights."""
+    key = _weights_key(model)
+    hit = _DECODERS.get(model)
+    if hit is not None and key is not None and hit[0] == key:
+        return hit[1]
+    decoder = Decoder(model) if supports_fast_decoding(model) else None
+    if decoder is not None:
+        # The cache is keyed weakly by the model: its value must not keep the model alive.
+        decoder.model = weakref.proxy(model)
+    if key is not None:
+        _DECODERS[model] = (key, decoder)
+    return decoder
+
+
+def _given(v) -> bool:
+    return v is not None and v is not False
+
+
+def _not_plain(model, input_ids, generation_config, synced_gpus, model_kwargs) -> str | None:
+    """Why this generate() call needs transformers' own loop (None: the decoder computes it exactly)."""
+    gc = generation_config
+    w = model.lm_head.weight
+    T = input_ids.shape[1]
+    if model.training:
+        return "the model is in training mode (dropout)"
+    if w.dtype != torch.float32 or input_ids.device != w.device:
+        return f"{w.dtype} weights or inputs on another device than the weights (the decoder runs float32)"
+    if synced_gpus or getattr(gc, "is_assistant", False):
+        return "synced_gpus or assisted decoding"
+    if gc.return_dict_in_generate or gc.output_scores or getattr(gc, "output_logits", False):
+        return "return_dict_in_generate, output_scores or output_logits"
+    if getattr(gc, "cache_implementation", None) is not None or getattr(gc, "prefill_chunk_size", None):
+        return f"cache_implementation={gc.cache_implementation!r} or prefill_chunk_size"
+    if not gc.use_cache or model_kwargs.get("use_cache") is False:
+        return "use_cache=False"
+    extra = sorted(k for k, v in model_kwargs.items() if k not in _PLAIN_MODEL_KWARGS and _given(v))
+    if extra:
+        return f"model inputs {extra}"
+    if T == 0 or gc.max_length is None or not T < gc.max_length <= model.config.n_positions:
+        return f"prompt length {T} and max_length {gc.max_length} (n_positions {model.config.n_positions})"
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and (mask.shape != input_ids.shape or not bool((mask == 1).all())):
+        return "a padded batch (attention_mask)"
+    pos = model_kwargs.get("position_ids")
+    if pos is not None and not torch.equal(pos, torch.arange(T, device=pos.device).expand_as(pos)):
+        return "position_ids other than 0..T-1"
+    for name in ("cache", "past_key_values"):
+        cache = model_kwargs.get(name)
+        if cache is not None and (cache.get_seq_length() > 0 or getattr(cache, "_is_user_defined", False)):
+            return "a cache passed in (it is filled and returned by transformers' loop)"
+    return None
+
+
+def fast_sample(
+    model,
+    input_ids: torch.Tensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    **model_kwargs,
+) -> torch.Tensor | None:
+    """transformers' greedy/sampling loop (``GenerationMixin._sample``, which ``generate()`` runs for
+    ``num_beams=1``) over :class:`Decoder`'s static-cache steps; None where it does not apply (see
+    :func:`_not_plain`), and ``GPT2AccelForCausalLM._sample`` then runs transformers' loop.
+
+    ``generate()`` has already resolved the generation config, built the logits processors (temperature, top-k,
+    top-p, repetition penalty, min_new_tokens...) and stopping criteria (max_length, eos, stop strings, max_time),
+    and streamed the prompt. Each step below is ``_sample``'s: the processors on float32 logits, argmax or one
+    ``torch.multinomial`` draw (the same draws from torch's RNG), finished rows padded with ``pad_token_id``, the
+    criteria, and stop when every row is done. Only the forward differs: the decoder's step, whose logits equal
+    the model's within fp32 rounding (tests/test_generate_fast.py compares tokens with transformers' loop).
+    """
+    gc = generation_config
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)  # as _sample decides to pad
+    pad = getattr(gc, "_pad_token_tensor", None)
+    why = _not_plain(model, input_ids, gc, synced_gpus, model_kwargs)
+    if why is None and has_eos and pad is None:
+        why = "an eos stopping criterion without a pad token"
+    decoder = None if why else _cached_decoder(model)
+    if decoder is None:
+        logger.debug("generate(): transformers' loop (%s)", why or "the decoder does not compute this model")
+        return None
+    B, T = input_ids.shape
+    total = gc.max_length
+    decoder._alloc(B, total)
+    # (B, prompt + new); its first `cur` columns are the processors' and criteria's input_ids
+    out = input_ids.new_empty(B, total)
+    out[:, :T] = input_ids
+    if has_eos:
+        pad = pad.to(input_ids.device)
+    unfinished = torch.ones(B, dtype=torch.long, device=input_ids.device)
+    logits = decoder._prefill(input_ids)  # (B, V)
+    cur = T
+    while True:
+        scores = logits_processor(out[:, :cur], logits.to(copy=True, dtype=torch.float32))
+        if gc.do_sample:
+            tok = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            tok = torch.argmax(scores, dim=-1)
+        if has_eos:
+            tok = tok * unfinished + pad * (1 - unfinished)  # finished rows continue with padding
+        out[:, cur] = tok
+        cur += 1
+        if streamer is not None:
+            streamer.put(tok.cpu())
+        unfinished = unfinished & ~stopping_criteria(out[:, :cur], None)
+        if cur == total or unfinished.max() == 0:
+            break
+        logits = decoder.step(tok[:, None], cur - 1)
+    if streamer is not None:
+        streamer.end()
+    return out[:, :cur].contiguous() if cur < total else out
 
 
 class _Matrix:

@@ -686,6 +686,24 @@ class GPT2AccelForCausalLM(GPT2AccelPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.transformer.wte = value
 
+    # generate() runs greedy and sampled decoding (num_beams=1) in GenerationMixin._sample. A faster loop can be
+    # plugged in from outside this file: importing gpt2_accel sets this to gpt2_accel.decode.fast_sample (a static
+    # KV cache and no per-token forward(); docs/performance.md). It takes _sample's arguments and returns None for a
+    # call it does not compute exactly (returned scores, padding, a cache passed in, training mode, a wrapped or
+    # hooked layer...), and transformers' loop runs. `model.fast_sample = None` turns it off for one model.
+    fast_sample = None
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):  # fmt: skip
+        """transformers' greedy/sampling loop, or :attr:`fast_sample`'s where that one applies."""
+        if self.fast_sample is not None:
+            out = self.fast_sample(input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                                   streamer, **model_kwargs)  # fmt: skip
+            if out is not None:
+                return out
+        return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                               synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)  # fmt: skip
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 

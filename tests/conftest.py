@@ -51,6 +51,17 @@ def tiny_hf_gpt2(seed: int = 0, **overrides):
     return GPT2LMHeadModel(GPT2Config(**kwargs)).eval()
 
 
+def hf_generate(model, *args, **kwargs) -> torch.Tensor:
+    """``model.generate()`` through transformers' own decoding loop: importing gpt2_accel plugs our decoder into
+    generate() (GPT2AccelForCausalLM.fast_sample); a reference for that decoder must not run it."""
+    model.fast_sample = None
+    try:
+        with torch.no_grad():
+            return model.generate(*args, **kwargs)
+    finally:
+        del model.fast_sample
+
+
 def ids(batch: int = 2, t: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     """Random token ids (batch, t), the same for the same seed."""
     return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import jitter, tiny_model
+from conftest import hf_generate, jitter, tiny_model
 
 from gpt2_accel import gemv
 from gpt2_accel.decode import Decoder
@@ -103,15 +103,15 @@ def test_kernel_refuses_bad_inputs(kernel):
 
 
 def _generate(model, prompt, n):
-    with torch.no_grad():
-        return model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,  # as `gpt2-accel sample`: no row stops (generate() would pad it after an eos)
-        )
+    return hf_generate(  # transformers' own loop, not the decoder plugged into generate()
+        model,
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,  # as `gpt2-accel sample`: no row stops (generate() would pad it after an eos)
+    )
 
 
 @pytest.mark.parametrize("batch", [1, 3, gemv.MAX_ROWS + 1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import hf_generate
 
 from gpt2_accel import GPT2AccelConfig, GPT2AccelForCausalLM
 from gpt2_accel.cli.sample import main
@@ -185,17 +186,21 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
 def test_fast_decoder_greedy_equals_generate_and_recomputation(attn_type, static):
     """The static-cache decoder (gpt2_accel.decode) against generate() and against argmax of full forwards, for
     a batch of prompts; ``static`` is the fixed-shape step that CUDA compiles (run here uncompiled)."""
-    from conftest import tiny_model
+    from conftest import hf_generate, tiny_model
 
     from gpt2_accel.decode import Decoder
 
     model = tiny_model(attn_type=attn_type, initializer_range=0.2)
     prompt = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(0))
     got = Decoder(model, static=static).generate(prompt, 20)
-    with torch.no_grad():
-        want = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, pad_token_id=0
-        )
+    want = hf_generate(  # transformers' own loop, not the decoder plugged into generate()
+        model,
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=20,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert torch.equal(got, want)
     assert len(set(got[0, 5:].tolist())) > 2  # not a degenerate repetition
     ids = prompt
@@ -273,10 +278,9 @@ def test_batched_sampling_decodes_the_samples_together_and_greedy_rows_equal_gen
     T = len(tok(prompt)["input_ids"])
     assert shapes == [(3, T), (2, T)]  # the fast path, two batches
     x = torch.tensor([tok(prompt)["input_ids"]])
-    with torch.no_grad():
-        want = model.generate(
-            x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, pad_token_id=0
-        )
+    want = hf_generate(
+        model, x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, pad_token_id=0
+    )
     want_text = tok.decode(want[0].tolist())
     assert len(set(want[0, T:].tolist())) > 2, "degenerate test model"
     assert (
