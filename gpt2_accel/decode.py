@@ -22,7 +22,9 @@ small model's step. This loop keeps only the work:
   ``x @ W^T`` with ``W^T`` stored (in, out) contiguous: on the 2-core development CPU the (50304 x 384) head's
   matrix-vector product through ``F.linear`` ran ~1.8x slower than ``torch.mm`` with the transposed copy, and
   ~2x faster than the kernel (which wins on the blocks' matrices, which stay in cache, and on 2-32 rows,
-  where MKL's small-M product is 4-8x slower than one row; docs/performance.md);
+  where MKL's small-M product is 4-8x slower than one row; docs/performance.md). On a GPU every matrix is
+  ``F.linear`` on the weights themselves: cuBLAS reads the (out, in) layout as it is, and a copy would double the
+  weights' memory;
 * optionally (``quantize="int8"``, CPU) weight-only int8: every matrix stored as int8 with one fp32 scale per
   output row (:func:`gpt2_accel.gemv.quantize_int8`), a quarter of the bytes to read per token; activations,
   LayerNorms, attention and the KV cache stay fp32. Greedy tokens then follow the quantised model, which is
@@ -137,10 +139,11 @@ class Decoder:
         # fp32 keeps the head's (in, out) copy even with the kernel: for one row, MKL's x @ W^T streamed the 77 MB
         # head of the reference shape faster than the kernel (the blocks' matrices, which stay in cache, and
         # 2-32 rows go faster through the kernel; docs/performance.md).
-        self.head = _Matrix(w[: self.cfg.vocab_size], None, quantize, transpose=True)
+        on_cpu = w.device.type == "cpu"
+        self.head = _Matrix(w[: self.cfg.vocab_size], None, quantize, transpose=on_cpu)
         self.lin = [
             {name: _Matrix.of(getattr(block.attn, n) if "attn" in name else getattr(block.mlp, n), quantize,
-                              transpose=self.kernel is None)
+                              transpose=on_cpu and self.kernel is None)
              for name, n in (("attn_qkv", "c_attn"), ("attn_out", "c_proj"), ("mlp_in", "c_fc"), ("mlp_out", "c_proj"))}
             for block in self.t.h
         ]  # fmt: skip

@@ -72,14 +72,26 @@ def save_tokenizer(hf_tokenizer, directory: str | os.PathLike, model_max_length:
         path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _gpt2_byte_ranks() -> dict[bytes, int]:
+    """GPT-2's token bytes -> id, read from the bundled encoder.json (GPT-2's ids are its BPE merge ranks).
+
+    encoder.json spells each token's bytes as text: a byte that prints (other than space) as its own character,
+    every other byte, in increasing order, as chr(256 + k) (OpenAI's gpt-2 encoder.py, ``bytes_to_unicode``).
+    Read here rather than with tiktoken.load, whose local-file reader needs ``blobfile`` in older releases (0.7-0.9
+    checked), which our declared lower bound allows."""
+    shown = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    to_byte = {chr(b): b for b in shown}
+    to_byte.update({chr(256 + k): b for k, b in enumerate(b for b in range(256) if b not in shown)})
+    with open(GPT2_BPE_DIR / "encoder.json", encoding="utf-8") as f:
+        vocab = json.load(f)
+    return {bytes(to_byte[c] for c in text): i for text, i in vocab.items() if text != EOT}
+
+
 @cache
 def _gpt2_tiktoken():
     import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        str(GPT2_BPE_DIR / "vocab.bpe"), str(GPT2_BPE_DIR / "encoder.json")
-    )
+    ranks = _gpt2_byte_ranks()
     return tiktoken.Encoding(
         name="gpt2_bundled", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: GPT2_EOT_ID}
     )

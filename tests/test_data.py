@@ -373,3 +373,20 @@ def test_state_dict_is_json_and_tracks_consumed_batches_not_prefetched(tmp_path,
     s2 = loader.state_dict()
     assert s1["batches"] == 1 and s2["batches"] == 2  # the worker prefetches, the state follows consumption
     assert json.loads(json.dumps(s2)) == s2
+
+
+def test_gpt2_bpe_data_path_equals_the_hf_tokenizer_it_writes():
+    """The pipeline encodes GPT-2 text with tiktoken on ranks read from the bundled files; run directories carry
+    transformers' GPT2TokenizerFast built from the same files. Both must give the same ids, both ways."""
+    from gpt2_accel.tokenization import GPT2_BPE_DIR
+
+    tok = get_tokenizer("gpt2")
+    text = (GPT2_BPE_DIR.parent / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:20000]
+    samples = [*text.split("\n\n")[:200], " leading  spaces\ttabs\n\n\nnewlines ", "naïve café — “quotes” 😀 中文",
+               "it's we'll they've I'm", "\x00\x07 bytes \u00ad\u200b"]  # fmt: skip
+    fast = tok.encode_batch(samples)
+    want = tok.hf(samples, add_special_tokens=False)["input_ids"]
+    assert fast == want
+    assert all(tok.decode(ids) == s for ids, s in zip(fast, samples, strict=True))
+    # special-token strings stay plain text in the pipeline (transformers' tokenizer would make them the eot id)
+    assert tok.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]
