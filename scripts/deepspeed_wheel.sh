@@ -79,6 +79,7 @@ deepspeed_ops_cached_wheel() {
     if [ -n "$found" ] && mkdir -p "$_ds_dir"; then
       echo "[setup] deepspeed: seeding the wheel cache $_ds_dir from $found"
       cp "$found" "$_ds_dir/.seed.tmp" && mv "$_ds_dir/.seed.tmp" "$_ds_dir/$(basename "$found")"
+      rm -f "$_ds_dir/FAILED"
       _ds_wheel="$_ds_dir/$(basename "$found")"
       return 0
     fi
