@@ -10,6 +10,9 @@
 #                everything the test suite exercises; llama_cpp is installed by the next step instead).
 #   LLAMA_CPP    1 (default): install llama-cpp-python for the slow llama.cpp tests from a wheel cache outside the
 #                clone, compiling it once (scripts/llama_cpp_wheel.sh: cache, seeding, timeout); 0: skip it.
+#   DEEPSPEED_OPS 1 (default): install deepspeed as a wheel with its CPU ops (shared-memory all-reduce, cpu_adam)
+#                compiled in, from a wheel cache outside the clone, compiling it once (scripts/deepspeed_wheel.sh);
+#                0: the PyPI build, whose ops DeepSpeed compiles just in time in every fresh clone (~3 min).
 #   LOCK         1 (default): install the lock's versions; 0: resolve the ranges in setup.cfg instead (newest).
 #   PYTHON       interpreter used to create the venv (default: python3).
 #   VENV         where the environment lives (default: ./.venv).
@@ -47,8 +50,23 @@ else
   # torch first, pinned: an unpinned torch resolves to a multi-GB CUDA build on machines without a local wheel.
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install --quiet $TORCH_SPEC
-  "$VENV/bin/python" -m pip install --quiet "${constraints[@]}" -e "$ROOT[$EXTRAS]"
+  # A cached deepspeed wheel with prebuilt ops (same version as the lock's) replaces building PyPI's sdist.
+  ds_wheel=()
+  if [ "${DEEPSPEED_OPS:-1}" = 1 ] && [ "$LOCK" = 1 ] && [[ ",$EXTRAS," == *,deepspeed,* ]]; then
+    # shellcheck source=scripts/deepspeed_wheel.sh
+    source "$ROOT/scripts/deepspeed_wheel.sh"
+    deepspeed_ops_cached_wheel "$(grep -i '^deepspeed==' "$LOCKFILE" | cut -d= -f3)"
+    [ -n "$_ds_wheel" ] && ds_wheel=("$_ds_wheel") && echo "[setup] deepspeed from the wheel cache ($_ds_wheel)"
+  fi
+  "$VENV/bin/python" -m pip install --quiet "${constraints[@]}" -e "$ROOT[$EXTRAS]" "${ds_wheel[@]}"
+  [ ${#ds_wheel[@]} = 1 ] && deepspeed_ops_mark
   echo "$want" > "$stamp"
+fi
+if [ "${DEEPSPEED_OPS:-1}" = 1 ]; then
+  # Builds the wheel when the cache has none yet, or swaps it into an environment installed before.
+  # shellcheck source=scripts/deepspeed_wheel.sh
+  source "$ROOT/scripts/deepspeed_wheel.sh"
+  deepspeed_ops_install
 fi
 if [ "${LLAMA_CPP:-1}" = 1 ]; then
   # shellcheck source=scripts/llama_cpp_wheel.sh

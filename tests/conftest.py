@@ -146,11 +146,13 @@ def trained_run(tmp_path_factory):
 # DeepSpeed's CPU ops, compiled once before the launches that load them
 # ---------------------------------------------------------------------------------------------------------------
 # Every DeepSpeed launch on CPU loads the shared-memory all-reduce (deepspeed.comm, ShareMemCommBuilder) and the
-# offload config DeepSpeedCPUAdam (CPUAdamBuilder); both are compiled just in time into ~/.cache/torch_extensions.
-# A first compile takes 1-2 minutes on 2 idle cores and several on loaded ones, inside a launch whose ranks have a
-# 240 s timeout. Compiling here first, under its own timeout, keeps those launches to training (when two xdist
-# workers get here together, torch's build lock makes one wait for the other's build). Every test that launches
-# DeepSpeed carries @pytest.mark.usefixtures("deepspeed_ops").
+# offload config DeepSpeedCPUAdam (CPUAdamBuilder). scripts/setup_env.sh installs deepspeed with both compiled in
+# (scripts/deepspeed_wheel.sh), so loading them here takes seconds. Otherwise (DEEPSPEED_OPS=0, a failed wheel build,
+# a venv made some other way) DeepSpeed compiles them just in time into ~/.cache/torch_extensions: 1-2 minutes on 2
+# idle cores and several on loaded ones, inside a launch whose ranks have a 240 s timeout, and again in every fresh
+# clone (torch's key for the build holds the venv's paths). Loading them here first, under its own timeout, keeps
+# those launches to training (when two xdist workers get here together, torch's build lock makes one wait for the
+# other's build). Every test that launches DeepSpeed carries @pytest.mark.usefixtures("deepspeed_ops").
 _BUILD_DEEPSPEED_OPS = """
 import deepspeed.ops
 from deepspeed.accelerator import get_accelerator
@@ -163,7 +165,7 @@ for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
 
 @pytest.fixture(scope="session")
 def deepspeed_ops() -> None:
-    """DeepSpeed's JIT-compiled CPU ops, built (or found built) before any DeepSpeed launch of this session."""
+    """DeepSpeed's CPU ops, loaded (prebuilt, or compiled just in time) before any DeepSpeed launch of this session."""
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
